@@ -1,0 +1,1 @@
+"""Analysis tools: Newton-Schulz convergence, optimizer paths, memory and spectra."""

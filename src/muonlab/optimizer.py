@@ -1,0 +1,659 @@
+"""Layer 3: ``muonlab.Muon``, one torch.optim.Optimizer for a whole model.
+
+Each param group has an ``algorithm``: ``"muon"`` (orthogonalized momentum for matrices),
+``"adamw"`` (the auxiliary AdamW for embeddings, head, norms and biases) or ``"rms"`` (seed 002's
+RMS-normalized momentum for non-matrix tensors). Muon matrices of the same logical shape and
+orthogonalization settings are stacked and orthogonalized as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .coefficients import resolve_schedule
+from .orthogonalize import METHODS, orthogonalize, resolve_dtype
+from .routing import ParamGroups, RouteRow, RoutingReport, describe_matrices, muon_param_groups
+from .updates import (
+    ADJUST_LR_MODES,
+    MOMENTUM_FORMS,
+    adamw_step_,
+    adjust_lr_scale,
+    apply_weight_decay_,
+    momentum_direction,
+    normuon_normalize,
+    rms_step_,
+)
+from .views import auto_view, blocks, check_view, matrix_shapes
+
+ALGORITHMS = ("muon", "adamw", "rms")
+NONFINITE_POLICIES = ("raise", "skip", "propagate")
+
+_DTYPE_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised (by default) when a gradient holds NaN or inf; no state was modified."""
+
+
+class Muon(Optimizer):
+    r"""Muon for hidden matrices plus AdamW for everything else, in one optimizer.
+
+    For a Muon parameter with gradient :math:`G_t` and logical matrices of shape (a, b):
+
+    .. math::
+        B_t &= \mu B_{t-1} + (1-\mu) G_t                 && \text{(EMA momentum; ``momentum_form="sum"``: } \mu B_{t-1} + G_t) \\
+        U_t &= \mathrm{lerp}(G_t, B_t, \mu) \text{ if nesterov else } B_t \\
+        O_t &= \mathrm{msign}(U_t) \approx U V^\top     && \text{(``ns_method``, ``ns_coefficients``, ``ns_steps``)} \\
+        O_t &\leftarrow \mathrm{NorMuon}(O_t)             && \text{(optional, per-row second moment, Frobenius norm kept)} \\
+        \theta_t &= \theta_{t-1}(1 - \eta\lambda) - \eta \cdot s(a, b) \cdot O_t
+
+    where :math:`s(a, b)` is ``adjust_lr_fn``: ``"original"`` :math:`\sqrt{\max(1, a/b)}`,
+    ``"match_rms_adamw"`` :math:`0.2\sqrt{\max(a, b)}`, ``"spectral"`` :math:`\sqrt{a/b}`,
+    ``"none"`` 1. Under ``"original"``/``"none"``, ``lr`` is the spectral norm of the step of a
+    square matrix (an update RMS of about lr/sqrt(n)); under ``"match_rms_adamw"`` it is an
+    AdamW-like learning rate (update RMS ≈ 0.2·lr).
+
+    AdamW groups follow ``torch.optim.AdamW`` exactly (bias correction, decoupled decay).
+
+    Args:
+        params: an ``nn.Module`` (routed by :func:`muonlab.muon_param_groups`), named parameters
+            ``(name, tensor)``, plain tensors, or param-group dicts with an ``algorithm`` key.
+            Without a module, 2-D+ tensors go to Muon and the rest to AdamW (with a warning:
+            embeddings and the head cannot be recognized from a tensor alone).
+        lr: Muon learning rate (default 0.02, Keller Jordan's setting).
+        momentum: μ in [0, 1) (default 0.95). nesterov: Nesterov momentum (default True).
+        weight_decay: decoupled weight decay λ for Muon groups (default 0).
+        ns_method, ns_coefficients, ns_steps, ns_dtype, eps: passed to
+            :func:`muonlab.orthogonalize` as method, coefficients, steps, dtype, eps.
+        adjust_lr_fn: ``"original"`` (default), ``"match_rms_adamw"``, ``"spectral"``, ``"none"``.
+        momentum_form: ``"ema"`` (torch.optim.Muon) or ``"sum"`` (the seeds).
+        cautious_weight_decay: decay only where update and weight agree in sign.
+        clip_momentum_norm: if set, the momentum buffer is rescaled to at most this norm (seed 002).
+        normuon, normuon_beta2: NorMuon's per-neuron normalization (seed 004) and its β2.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for AdamW groups.
+        nonfinite: policy for NaN/inf gradients: ``"raise"`` (default; raises
+            :class:`NonFiniteGradientError` before any state is touched), ``"skip"`` (the whole
+            step is skipped and counted in ``skipped_steps``) or ``"propagate"`` (no check).
+        batched: stack same-shape matrices into one orthogonalization (default True); False is the
+            per-matrix reference loop.
+        foreach: use ``torch._foreach`` kernels for the momentum update (default: True).
+        track_stats: record per-parameter statistics in ``last_stats`` after each step.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from muonlab import Muon
+        >>> model = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 100))
+        >>> opt = Muon(model, lr=0.02, adamw_lr=3e-3)
+        >>> [row.algorithm for row in opt.routing_report().rows]
+        ['muon', 'adamw', 'adamw', 'adamw', 'adamw']
+        >>> loss = model(torch.randint(0, 100, (4, 8))).logsumexp(-1).mean()
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, Tensor] = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        *,
+        ns_method: str = "newton_schulz",
+        ns_coefficients: Any = "keller",
+        ns_steps: int = 5,
+        ns_dtype: Union[str, torch.dtype, None] = None,
+        eps: float = 1e-7,
+        adjust_lr_fn: Optional[str] = "original",
+        momentum_form: str = "ema",
+        cautious_weight_decay: bool = False,
+        clip_momentum_norm: Optional[float] = None,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        adamw_lr: Union[float, Tensor] = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        nonfinite: str = "raise",
+        batched: bool = True,
+        foreach: Optional[bool] = None,
+        track_stats: bool = False,
+    ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        self._adamw_defaults = {
+            "lr": adamw_lr,
+            "betas": tuple(adamw_betas),
+            "eps": adamw_eps,
+            "weight_decay": adamw_weight_decay,
+        }
+        _validate_adamw(self._adamw_defaults, "adamw defaults")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_method=ns_method,
+            ns_coefficients=_freeze(ns_coefficients),
+            ns_steps=ns_steps,
+            ns_dtype=_dtype_name(ns_dtype),
+            eps=eps,
+            adjust_lr_fn=adjust_lr_fn if adjust_lr_fn is not None else "original",
+            momentum_form=momentum_form,
+            cautious_weight_decay=cautious_weight_decay,
+            clip_momentum_norm=clip_momentum_norm,
+            normuon=normuon,
+            normuon_beta2=normuon_beta2,
+            algorithm="muon",
+        )
+        _validate_muon(defaults, "Muon defaults")
+        self.nonfinite = nonfinite
+        self.batched = batched
+        self.foreach = True if foreach is None else foreach
+        self.track_stats = track_stats
+        self.last_stats: dict[str, dict[str, float]] = {}
+        self.skipped_steps = 0
+        self._reasons: dict[str, str] = {}
+        self._frozen: list[tuple[str, tuple[int, ...]]] = []
+        self._warned_plain = False
+        groups = self._normalize_params(params)
+        super().__init__(groups, defaults)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _normalize_params(self, params: Any) -> list[dict[str, Any]]:
+        if isinstance(params, nn.Module):
+            params = muon_param_groups(params)
+        if isinstance(params, ParamGroups):
+            self._frozen = list(params.frozen)
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "params should be an nn.Module or an iterable of Tensors, (name, Tensor) pairs or dicts, "
+                f"but got a single Tensor of shape {tuple(params.shape)}"
+            )
+        items = list(params)
+        if not items:
+            raise ValueError("Muon got an empty parameter list")
+        if all(isinstance(x, dict) for x in items):
+            groups = []
+            for g in items:
+                groups.extend(self._split_unlabeled_group(dict(g)))
+            return groups
+        if any(isinstance(x, dict) for x in items):
+            raise TypeError("params mixes param-group dicts with tensors; pass one kind")
+        return self._split_unlabeled_group({"params": items})
+
+    def _split_unlabeled_group(self, group: dict[str, Any]) -> list[dict[str, Any]]:
+        if "algorithm" in group:
+            return [group]
+        tensors = group["params"]
+        if isinstance(tensors, Tensor):
+            tensors = [tensors]
+        tensors = list(tensors)
+        matrices = [t for t in tensors if (t[1] if isinstance(t, tuple) else t).ndim >= 2]
+        others = [t for t in tensors if (t[1] if isinstance(t, tuple) else t).ndim < 2]
+        if matrices and not self._warned_plain:
+            warnings.warn(
+                "Muon received parameters without a module or an 'algorithm': every 2-D+ tensor goes to "
+                "Muon and the rest to AdamW. Embeddings and the output head cannot be recognized this way; "
+                "pass the model (Muon(model)) or muon_param_groups(model) to keep them on AdamW.",
+                UserWarning,
+                stacklevel=4,
+            )
+            self._warned_plain = True
+        out = []
+        extra = {k: v for k, v in group.items() if k != "params"}
+        if matrices:
+            out.append({**extra, "params": matrices, "algorithm": "muon"})
+        if others:
+            adam_extra = {k: v for k, v in extra.items() if k not in ("lr", "weight_decay", "eps")}
+            out.append({**adam_extra, "params": others, "algorithm": "adamw"})
+        return out
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        alg = group.get("algorithm", "muon")
+        if alg not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {alg!r} in param group; valid: {list(ALGORITHMS)}")
+        group["algorithm"] = alg
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        names = group.pop("param_names", None)
+        tensors = []
+        explicit_names = []
+        for i, p in enumerate(params):
+            if isinstance(p, tuple):
+                explicit_names.append(p[0])
+                p = p[1]
+            tensors.append(p)
+        if explicit_names:
+            names = explicit_names
+        if names is None:
+            base = len(self.param_groups)
+            names = [f"group{base}.param{i}" for i in range(len(tensors))]
+        if len(names) != len(tensors):
+            raise ValueError(f"param_names has {len(names)} entries for {len(tensors)} parameters")
+        reasons = group.pop("routing", None) or [""] * len(tensors)
+        if alg in ("adamw", "rms"):
+            for k, v in self._adamw_defaults.items():
+                if alg == "rms" and k == "betas":
+                    continue
+                group.setdefault(k, v)
+        for name, p in zip(names, tensors):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"parameter {name} is a {type(p).__name__}, not a Tensor")
+            if p.is_complex():
+                raise TypeError(f"parameter {name} with shape {tuple(p.shape)} is complex ({p.dtype}); Muon supports real tensors only")
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {name} with shape {tuple(p.shape)} has non-floating dtype {p.dtype}")
+        if alg == "muon":
+            views = list(group.get("views") or [])
+            if not views:
+                view_default = group.get("view")
+                views = [view_default or _default_view(name, p) for name, p in zip(names, tensors)]
+            if len(views) != len(tensors):
+                raise ValueError(f"'views' has {len(views)} entries for {len(tensors)} parameters")
+            for name, p, v in zip(names, tensors, views):
+                if p.ndim < 2:
+                    raise ValueError(
+                        f"parameter {name} with shape {tuple(p.shape)} is {p.ndim}-D but is in a Muon group; "
+                        "Muon orthogonalizes matrices. Put it in an 'adamw' or 'rms' group."
+                    )
+                check_view(v, p.shape, name)
+            group["views"] = views
+        else:
+            group["views"] = ["-"] * len(tensors)
+        group.pop("view", None)
+        group["params"] = list(zip(names, tensors))
+        for name, r in zip(names, reasons):
+            self._reasons[name] = r or ("group algorithm" if "algorithm" in param_group else "by shape (no module given)")
+        super().add_param_group(group)
+        g = self.param_groups[-1]
+        if alg == "muon":
+            _validate_muon(g, f"param group {len(self.param_groups) - 1}")
+            g["ns_coefficients"] = _freeze(g["ns_coefficients"])
+            g["ns_dtype"] = _dtype_name(g["ns_dtype"])
+            g["adjust_lr_fn"] = g["adjust_lr_fn"] if g["adjust_lr_fn"] is not None else "original"
+        elif alg == "adamw":
+            _validate_adamw(g, f"param group {len(self.param_groups) - 1}")
+        else:
+            _validate_rms(g, f"param group {len(self.param_groups) - 1}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # older state_dicts: fill options added later with their defaults
+        for i, group in enumerate(self.param_groups):
+            alg = group.setdefault("algorithm", "muon")
+            for key, value in self.defaults.items():
+                if alg == "muon" or key not in ("momentum", "ns_method", "ns_coefficients", "ns_steps"):
+                    group.setdefault(key, value)
+            if "views" not in group:
+                group["views"] = [auto_view(p.shape) if alg == "muon" else "-" for p in group["params"]]
+            if alg in ("adamw", "rms"):
+                for k, v in getattr(self, "_adamw_defaults", {}).items():
+                    group.setdefault(k, v)
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; a group whose algorithm, size or state shapes differ raises ValueError naming the parameter."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        saved_state = state_dict.get("state", {})
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} has {len(group['params'])} parameters but the saved group has {len(saved['params'])}"
+                )
+            saved_alg = saved.get("algorithm", "muon")
+            if saved_alg != group["algorithm"]:
+                raise ValueError(
+                    f"param group {gi} ({', '.join(names[:3])}{'...' if len(names) > 3 else ''}) uses algorithm "
+                    f"{group['algorithm']!r} but the saved state was made with {saved_alg!r}"
+                )
+            saved_views = saved.get("views") or group["views"]
+            for name, p, pid, view, saved_view in zip(names, group["params"], saved["params"], group["views"], saved_views):
+                if group["algorithm"] == "muon" and view != saved_view:
+                    raise ValueError(f"parameter {name} with shape {tuple(p.shape)} uses view {view!r} but was saved with {saved_view!r}")
+                st = saved_state.get(pid)
+                if not st:
+                    continue
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    if key in st and tuple(st[key].shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"parameter {name}: saved {key} has shape {tuple(st[key].shape)}, parameter has {tuple(p.shape)}"
+                        )
+                expected_keys = {"muon": "momentum_buffer", "adamw": "exp_avg", "rms": "momentum_buffer"}[group["algorithm"]]
+                if expected_keys not in st:
+                    raise ValueError(f"parameter {name}: saved state {sorted(st)} lacks {expected_keys!r} for algorithm {group['algorithm']!r}")
+                if "normuon_v" in st:
+                    rows = sum(k * a for k, a, _ in matrix_shapes(tuple(p.shape), view))
+                    if st["normuon_v"].numel() != rows:
+                        raise ValueError(f"parameter {name}: saved normuon_v has {st['normuon_v'].numel()} entries, expected {rows}")
+        super().load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ reporting
+    def routing_report(self) -> RoutingReport:
+        """A table (``str``) and data (``.rows``) of every parameter's algorithm, view and lr."""
+        rows = []
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            lr_f = float(lr) if not isinstance(lr, Tensor) else float(lr.item())
+            for name, p, view in zip(group["param_names"], group["params"], group["views"]):
+                matrices = describe_matrices(tuple(p.shape), view) if group["algorithm"] == "muon" else "-"
+                rows.append(RouteRow(name, tuple(p.shape), group["algorithm"], view, matrices, lr_f, self._reasons.get(name, "")))
+        for name, shape in self._frozen:
+            rows.append(RouteRow(name, shape, "frozen", "-", "-", None, "requires_grad=False (left out)"))
+        return RoutingReport(rows)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            n = len(g["params"])
+            numel = sum(p.numel() for p in g["params"])
+            if g["algorithm"] == "muon":
+                opts = (f"lr={_fmt_lr(g['lr'])}, momentum={g['momentum']}, nesterov={g['nesterov']}, "
+                        f"weight_decay={g['weight_decay']}, ns={g['ns_method']}:{g['ns_coefficients']}x{g['ns_steps']}, "
+                        f"adjust_lr_fn={g['adjust_lr_fn']}" + (", normuon" if g["normuon"] else ""))
+            elif g["algorithm"] == "adamw":
+                opts = f"lr={_fmt_lr(g['lr'])}, betas={g['betas']}, eps={g['eps']}, weight_decay={g['weight_decay']}"
+            else:
+                opts = f"lr={_fmt_lr(g['lr'])}, momentum={g['momentum']}, weight_decay={g['weight_decay']}"
+            lines.append(f"  group {i} [{g['algorithm']}]: {n} tensors, {numel:,} elements; {opts}")
+        lines.append(")")
+        return "\n".join(lines)
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (momentum, Adam moments, NorMuon vectors, steps)."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor):
+                    total += v.numel() * v.element_size()
+        return total
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        if not self._grads_ok():
+            return loss
+        stats: dict[str, dict[str, float]] = {} if self.track_stats else {}
+        pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]] = []  # (group, name, p, direction, view)
+        for group in self.param_groups:
+            alg = group["algorithm"]
+            if alg == "muon":
+                pending.extend(self._muon_directions(group))
+            elif alg == "adamw":
+                self._adamw_group(group, stats)
+            else:
+                self._rms_group(group, stats)
+        if pending:
+            self._muon_apply(pending, stats)
+        if self.track_stats:
+            self.last_stats = stats
+        return loss
+
+    def _grads_ok(self) -> bool:
+        """Validate gradients before any state is touched; apply the non-finite policy."""
+        grads, names = [], []
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"parameter {name} with shape {tuple(p.shape)} has a sparse gradient; Muon needs dense gradients")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"parameter {name}: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
+                grads.append(p.grad)
+                names.append(name)
+        if self.nonfinite == "propagate" or not grads:
+            return True
+        flags = torch.stack([torch.isfinite(g).all() for g in grads])
+        if bool(flags.all()):
+            return True
+        bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            warnings.warn(f"Muon skipped a step: non-finite gradients in {', '.join(bad[:5])}", RuntimeWarning, stacklevel=3)
+            return False
+        raise NonFiniteGradientError(
+            f"non-finite (NaN/inf) gradient in {len(bad)} parameter(s): {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; no parameter or state was changed. "
+            "Use Muon(..., nonfinite='skip') to skip such steps or 'propagate' to apply them."
+        )
+
+    def _muon_directions(self, group: dict[str, Any]) -> list[tuple[dict[str, Any], str, Tensor, Tensor, str]]:
+        mu, nesterov, form = group["momentum"], group["nesterov"], group["momentum_form"]
+        items = []
+        for name, p, view in zip(group["param_names"], group["params"], group["views"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["step"] = torch.tensor(0.0)
+            state["step"] += 1
+            items.append((name, p, state["momentum_buffer"], view))
+        if not items:
+            return []
+        grads = [p.grad for _, p, _, _ in items]
+        bufs = [b for _, _, b, _ in items]
+        clip = group["clip_momentum_norm"]
+        same = len({(g.device, g.dtype) for g in grads}) == 1 and all(b.dtype == g.dtype for b, g in zip(bufs, grads))
+        if self.foreach and form == "ema" and clip is None and same:
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            dirs = torch._foreach_lerp(grads, bufs, mu) if nesterov else bufs
+        else:
+            dirs = [momentum_direction(g, b, mu, nesterov, form, clip) for g, b in zip(grads, bufs)]
+        return [(group, name, p, d, view) for (name, p, _, view), d in zip(items, dirs)]
+
+    def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]], stats: dict[str, dict[str, float]]) -> None:
+        # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype)
+        updates = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for _, _, p, _, _ in pending]
+        buckets: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+        for (group, name, p, d, view), upd in zip(pending, updates):
+            key_settings = (group["ns_method"], group["ns_coefficients"], group["ns_steps"], group["ns_dtype"], group["eps"])
+            for src, dst in zip(blocks(d, view), blocks(upd, view)):
+                key = (tuple(src.shape[-2:]), key_settings, src.device, src.dtype)
+                buckets[key].append((src, dst))
+        # 2. orthogonalize each bucket as one batch (or one matrix stack at a time: the reference loop)
+        for (shape, (method, coeffs, steps, dtype, eps), _, _), pairs in buckets.items():
+            work = [(torch.cat([s for s, _ in pairs]) if len(pairs) > 1 else pairs[0][0], pairs)] if self.batched else [(s, [(s, d)]) for s, d in pairs]
+            for X, chunk in work:
+                if self.batched:
+                    O = orthogonalize(X, method=method, coefficients=coeffs, steps=steps,
+                                      dtype=dtype, eps=eps, nonfinite="propagate")
+                else:
+                    O = torch.stack([orthogonalize(x, method=method, coefficients=coeffs, steps=steps,
+                                                   dtype=dtype, eps=eps, nonfinite="propagate") for x in X.unbind(0)])
+                offset = 0
+                for _, dst in chunk:
+                    k = dst.shape[0]
+                    dst.copy_(O[offset:offset + k])
+                    offset += k
+        # 3. per parameter: NorMuon, shape scale, weight decay, the step
+        for (group, name, p, _, view), upd in zip(pending, updates):
+            lr = _scalar(group["lr"])
+            state = self.state[p]
+            blks = blocks(upd, view)
+            if group["normuon"]:
+                if "normuon_v" not in state:
+                    rows = sum(b.shape[0] * b.shape[1] for b in blks)
+                    state["normuon_v"] = torch.zeros(rows, dtype=torch.float32, device=p.device)
+                v_all = state["normuon_v"]
+                offset = 0
+                for b in blks:
+                    k, a = b.shape[0], b.shape[1]
+                    v = v_all[offset:offset + k * a].view(k, a)
+                    b.copy_(normuon_normalize(b.float(), v, group["normuon_beta2"]).to(b.dtype))
+                    offset += k * a
+            if self.track_stats:
+                stats[name] = _ortho_stats(blks)
+            for b in blks:
+                b.mul_(adjust_lr_scale(b.shape[-2], b.shape[-1], group["adjust_lr_fn"]))
+            apply_weight_decay_(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
+            p.add_(upd, alpha=-lr)
+            if self.track_stats:
+                stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * lr
+
+    def _adamw_group(self, group: dict[str, Any], stats: dict[str, dict[str, float]]) -> None:
+        beta1, beta2 = group["betas"]
+        lr = _scalar(group["lr"])
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            before = p.detach().clone() if self.track_stats else None
+            adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
+                        lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            if before is not None:
+                stats[name] = {"update_rms": float((p - before).float().square().mean().sqrt())}
+
+    def _rms_group(self, group: dict[str, Any], stats: dict[str, dict[str, float]]) -> None:
+        lr = _scalar(group["lr"])
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["momentum_buffer"] = torch.zeros_like(p)
+            state["step"] += 1
+            before = p.detach().clone() if self.track_stats else None
+            rms_step_(p, p.grad, state["momentum_buffer"], lr=lr, momentum=group["momentum"],
+                      eps=group["eps"], weight_decay=group["weight_decay"])
+            if before is not None:
+                stats[name] = {"update_rms": float((p - before).float().square().mean().sqrt())}
+
+
+# ---------------------------------------------------------------------- helpers
+def _default_view(name: str, p: Tensor) -> str:
+    try:
+        return auto_view(p.shape)
+    except ValueError:
+        raise ValueError(
+            f"parameter {name} with shape {tuple(p.shape)} is {p.ndim}-D but is in a Muon group; "
+            "Muon orthogonalizes matrices. Put it in an 'adamw' or 'rms' group."
+        ) from None
+
+
+def _scalar(v: Union[float, Tensor]) -> float:
+    return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
+def _fmt_lr(v: Union[float, Tensor]) -> str:
+    return f"{_scalar(v):g}" + (" (tensor)" if isinstance(v, Tensor) else "")
+
+
+def _freeze(coeffs: Any) -> Any:
+    """Coefficients as a hashable, serializable value (name, triple or tuple of triples)."""
+    if isinstance(coeffs, str):
+        return coeffs
+    seq = list(coeffs)
+    if seq and all(isinstance(v, (int, float)) for v in seq):
+        return tuple(float(v) for v in seq)
+    return tuple(tuple(float(v) for v in t) for t in seq)
+
+
+def _dtype_name(dtype: Union[str, torch.dtype, None]) -> Optional[str]:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_TO_NAME:
+            raise ValueError(f"unsupported ns_dtype {dtype}; use bf16, fp16, fp32 or fp64")
+        return _DTYPE_TO_NAME[dtype]
+    resolve_dtype(dtype, torch.device("cpu"), torch.float32)  # validates the name
+    return str(dtype)
+
+
+def _check_lr(lr: Any, where: str) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}: tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{where}: invalid learning rate {lr!r} (must be a finite number >= 0)")
+
+
+def _validate_muon(g: dict[str, Any], where: str) -> None:
+    _check_lr(g["lr"], where)
+    if not (0.0 <= g["momentum"] < 1.0):
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {g['momentum']}")
+    if not (g["weight_decay"] >= 0.0):
+        raise ValueError(f"{where}: invalid weight_decay {g['weight_decay']} (must be >= 0)")
+    if g["ns_method"] not in METHODS:
+        raise ValueError(f"{where}: unknown ns_method {g['ns_method']!r}; valid: {list(METHODS)}")
+    steps = g["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{where}: ns_steps must be an int >= 1, got {steps!r}")
+    resolve_schedule(g["ns_coefficients"], steps)  # raises on unknown preset / bad numbers
+    if g["adjust_lr_fn"] not in ADJUST_LR_MODES and g["adjust_lr_fn"] is not None:
+        raise ValueError(f"{where}: unknown adjust_lr_fn {g['adjust_lr_fn']!r}; valid: {list(ADJUST_LR_MODES)}")
+    if g["momentum_form"] not in MOMENTUM_FORMS:
+        raise ValueError(f"{where}: unknown momentum_form {g['momentum_form']!r}; valid: {list(MOMENTUM_FORMS)}")
+    if not (g["eps"] >= 0.0):
+        raise ValueError(f"{where}: eps must be >= 0, got {g['eps']}")
+    clip = g["clip_momentum_norm"]
+    if clip is not None and not (clip > 0):
+        raise ValueError(f"{where}: clip_momentum_norm must be > 0 or None, got {clip}")
+    if not (0.0 <= g["normuon_beta2"] < 1.0):
+        raise ValueError(f"{where}: normuon_beta2 must be in [0, 1), got {g['normuon_beta2']}")
+    if g.get("ns_dtype") is not None:
+        _dtype_name(g["ns_dtype"])
+
+
+def _validate_adamw(g: dict[str, Any], where: str) -> None:
+    _check_lr(g["lr"], where)
+    betas = g["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas}")
+    if not (g["eps"] >= 0.0):
+        raise ValueError(f"{where}: eps must be >= 0, got {g['eps']}")
+    if not (g["weight_decay"] >= 0.0):
+        raise ValueError(f"{where}: invalid weight_decay {g['weight_decay']} (must be >= 0)")
+
+
+def _validate_rms(g: dict[str, Any], where: str) -> None:
+    _check_lr(g["lr"], where)
+    if not (0.0 <= g["momentum"] < 1.0):
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {g['momentum']}")
+    if not (g["weight_decay"] >= 0.0):
+        raise ValueError(f"{where}: invalid weight_decay {g['weight_decay']} (must be >= 0)")
+
+
+@torch.no_grad()
+def _ortho_stats(blks: list[Tensor]) -> dict[str, float]:
+    """Orthogonality residual ‖OOᵀ − I‖_F/sqrt(min(a,b)) and singular-value range over the blocks."""
+    residual, smin, smax = 0.0, math.inf, 0.0
+    for b in blks:
+        O = b.float()
+        if O.shape[-2] > O.shape[-1]:
+            O = O.mT
+        k = O.shape[-2]
+        eye = torch.eye(k, device=O.device)
+        r = torch.linalg.matrix_norm(O @ O.mT - eye) / math.sqrt(k)
+        residual = max(residual, float(r.max()))
+        s = torch.linalg.svdvals(O)
+        smin, smax = min(smin, float(s.min())), max(smax, float(s.max()))
+    return {"ortho_residual": residual, "sv_min": smin, "sv_max": smax}

@@ -1,0 +1,141 @@
+"""Layer 2: update rules as pure functions on plain tensors.
+
+No optimizer plumbing here: these functions take tensors (and the state tensors they update in
+place) and return update directions. ``muonlab.optimizer.Muon`` calls them, batched or not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ADJUST_LR_MODES = ("original", "match_rms_adamw", "spectral", "none")
+MOMENTUM_FORMS = ("ema", "sum")
+
+
+def adjust_lr_scale(a: int, b: int, mode: str | None) -> float:
+    """Multiplier applied to ``lr`` for a logical (a = fan_out, b = fan_in) matrix.
+
+    * ``"original"`` (default, K. Jordan): sqrt(max(1, a/b)). ``lr`` is the spectral-norm step of
+      square and wide matrices; tall ones get a bigger step so their update RMS matches.
+    * ``"match_rms_adamw"`` (Moonlight, Liu et al. 2025, arXiv:2502.16982): 0.2·sqrt(max(a, b)).
+      The update RMS becomes ~0.2, like AdamW's, so ``lr``/weight decay tuned for AdamW carry over.
+    * ``"spectral"`` (Bernstein & Newhouse, modular norm): sqrt(a/b), the update has spectral norm
+      sqrt(fan_out/fan_in)·lr.
+    * ``"none"``: 1; ``lr`` is the spectral norm of the step for every matrix.
+    """
+    if mode is None or mode == "original":
+        return math.sqrt(max(1.0, a / b))
+    if mode == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    if mode == "spectral":
+        return math.sqrt(a / b)
+    if mode == "none":
+        return 1.0
+    raise ValueError(f"unknown adjust_lr_fn {mode!r}; valid: {list(ADJUST_LR_MODES)}")
+
+
+def momentum_direction(
+    grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool, form: str, clip: float | None = None
+) -> torch.Tensor:
+    """Update the momentum buffer in place and return the direction to orthogonalize.
+
+    * ``form="ema"`` (torch.optim.Muon): B <- μB + (1-μ)g; Nesterov direction g + μ(B - g)
+      = lerp(g, B, μ), else B.
+    * ``form="sum"`` (the seeds, Keller's first version): B <- μB + g; Nesterov direction
+      g + μB, else B.
+    Orthogonalization is scale invariant, so the two forms differ only through Nesterov's mix
+    and the clipping threshold; both are offered for faithfulness to each source.
+    ``clip`` rescales the buffer to at most that Frobenius norm right after its update (seed 002).
+    """
+    if form == "ema":
+        buf.lerp_(grad, 1 - momentum)
+    elif form == "sum":
+        buf.mul_(momentum).add_(grad)
+    else:
+        raise ValueError(f"unknown momentum_form {form!r}; valid: {list(MOMENTUM_FORMS)}")
+    if clip is not None:
+        clip_by_norm_(buf, clip)
+    if not nesterov:
+        return buf
+    return grad.lerp(buf, momentum) if form == "ema" else grad.add(buf, alpha=momentum)
+
+
+def clip_by_norm_(t: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale ``t`` in place so that its Frobenius norm is at most ``max_norm`` (seed 002)."""
+    norm = torch.linalg.vector_norm(t)
+    t.mul_(torch.clamp(max_norm / (norm + 1e-12), max=1.0))
+    return t
+
+
+def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float = 1e-8) -> torch.Tensor:
+    """NorMuon (seed 004; Li et al. 2025, arXiv:2510.05491): per-neuron adaptive scaling.
+
+    O: (k, a, b) orthogonalized updates; v: (k, a) running second moment of each row (neuron),
+    updated in place: v <- β2 v + (1-β2) mean_j O_ij². Each row is divided by sqrt(v) + eps, then
+    every matrix is rescaled to O's Frobenius norm, so the step size stays Muon's.
+    """
+    v.lerp_(O.square().mean(dim=-1), 1 - beta2)
+    out = O / (v.sqrt().unsqueeze(-1) + eps)
+    scale = torch.linalg.matrix_norm(O, keepdim=True) / (torch.linalg.matrix_norm(out, keepdim=True) + 1e-30)
+    return out * scale
+
+
+def apply_weight_decay_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, cautious: bool) -> None:
+    """Decoupled weight decay θ <- θ − lr·λ·θ (Loshchilov & Hutter).
+
+    ``cautious=True`` decays only coordinates where the update and the parameter share a sign,
+    i.e. where decay and the step pull the same way (Chen et al. 2025, "Cautious weight decay").
+    """
+    if weight_decay == 0.0:
+        return
+    if not cautious:
+        param.mul_(1 - lr * weight_decay)
+    else:
+        mask = (update * param > 0).to(param.dtype)
+        param.addcmul_(param, mask, value=-lr * weight_decay)
+
+
+def adamw_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step, operation for operation as torch.optim.AdamW's single-tensor path."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def rms_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    buf: torch.Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Seed 002's fallback for non-matrix tensors: EMA momentum divided by its own RMS.
+
+    m <- μ m + (1-μ) g;  θ <- θ(1 − lr·λ) − lr · m / sqrt(mean(m²) + eps).
+    """
+    buf.lerp_(grad, 1 - momentum)
+    param.mul_(1 - lr * weight_decay)
+    rms = torch.sqrt(buf.square().mean() + eps)
+    param.sub_(buf / rms, alpha=lr)

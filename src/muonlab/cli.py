@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 
 def _cmd_ns_convergence(args: argparse.Namespace) -> int:
@@ -108,13 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Later modules add subcommands here without touching the ones above.
-_EXTRA: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
 def _register_more(sub: argparse._SubParsersAction) -> None:
-    for register in _EXTRA:
-        register(sub)
+    from muonlab.lab.cli import register  # argparse wiring only; heavy imports happen per command
+
+    register(sub)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -125,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"muonlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,115 @@
+"""Lab subcommands: ``compare`` (the main job), ``train`` and ``report``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+
+def _add_train_args(p: argparse.ArgumentParser, default_steps: int) -> None:
+    p.add_argument("--model", default="tiny", help="model size name (tiny, small, medium) [tiny]")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run [{default_steps}]")
+    p.add_argument("--tokens", type=int, default=None, help="token budget per run (instead of --steps)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None, help="context length [the model's]")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], default="cosine")
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup steps (>=1) or fraction (<1)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps [steps/10]")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps [steps/4]")
+    p.add_argument("--data", default=None, help="text file or folder [the Python standard library]")
+    p.add_argument("--max-corpus-bytes", type=int, default=8 * 2**20)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _base_config(args: argparse.Namespace, default_steps: int) -> Any:
+    from muonlab.lab.train import TrainConfig
+
+    steps = args.steps or default_steps
+    return TrainConfig(
+        model=args.model, steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+        schedule=args.schedule, warmup=args.warmup, eval_every=args.eval_every or max(1, steps // 10),
+        eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every or max(1, steps // 4),
+        data=args.data, max_corpus_bytes=args.max_corpus_bytes, device=args.device, tensorboard=args.tensorboard,
+    )
+
+
+DEFAULT_COMPARE_STEPS = 600
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from muonlab.lab.compare import compare
+
+    base = _base_config(args, DEFAULT_COMPARE_STEPS)
+    seeds = tuple(int(s) for s in str(args.seeds).split(",") if s.strip())
+    compare(args.optimizers, base=base, tokens=args.tokens, sweep=args.sweep, seeds=seeds, out=args.out,
+            baseline=args.baseline, progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from muonlab.lab.compare import steps_for_tokens
+    from muonlab.lab.model import GPTConfig
+    from muonlab.lab.train import train
+
+    base = _base_config(args, DEFAULT_COMPARE_STEPS)
+    cfg = replace(base, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+    if args.tokens:
+        cfg.steps = steps_for_tokens(args.tokens, cfg, cfg.seq_len or GPTConfig.from_name(cfg.model).seq_len)
+    out = Path(args.out) if args.out else Path("runs") / f"train-{args.optimizer}-{cfg.key()}"
+    res = train(cfg, out, progress=not args.quiet, resume=not args.no_resume, log=print)
+    print(json.dumps(res, indent=2))
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from muonlab.lab.report import write_report
+
+    path = write_report(Path(args.dir))
+    print(f"wrote {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train a small GPT with each optimizer and compare (the main job)")
+    p.add_argument("--optimizers", default="muon,adamw", help="comma-separated zoo names [muon,adamw]")
+    _add_train_args(p, DEFAULT_COMPARE_STEPS)
+    p.add_argument("--sweep", action="store_true", help="try 0.5x, 1x, 2x each default lr; keep the best")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds [0]")
+    p.add_argument("--baseline", default=None, help="optimizer whose final loss is the target [adamw]")
+    p.add_argument("--out", default=None, help="output folder [runs/compare-<time>]")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="train the lab GPT with one optimizer")
+    p.add_argument("--optimizer", default="muon", help="zoo name [muon]")
+    p.add_argument("--lr", type=float, default=None, help="learning rate [the zoo default for the size]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder [runs/train-<optimizer>-<config hash>]")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    _add_train_args(p, DEFAULT_COMPARE_STEPS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="redraw plots and report.html of a compare folder from its files")
+    p.add_argument("dir", help="folder written by `muonlab compare`")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("optimizers", help="list the optimizer zoo")
+    p.set_defaults(func=cmd_optimizers)
+
+
+def cmd_optimizers(args: argparse.Namespace) -> int:
+    from muonlab.lab.tables import format_table
+    from muonlab.lab.zoo import ZOO
+
+    rows = [[e.name, e.family, e.lr_for("tiny"), e.description] for e in ZOO.values()]
+    print(format_table(["name", "family", "lr (tiny)", "description"], rows))
+    return 0

@@ -1,0 +1,192 @@
+"""Plots and a self-contained HTML report, drawn only from a compare folder's files.
+
+``muonlab report DIR`` reruns this on ``DIR/summary.json`` and ``DIR/runs/*/metrics.jsonl``, so
+every picture can be redrawn without retraining.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from .train import atomic_write_text, read_metrics
+
+PLOTS = ("val_loss_vs_tokens", "val_loss_vs_time", "learning_rate", "muon_update_rms", "lr_sweep")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_summary(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {out_dir} a folder written by `muonlab compare`?")
+    return json.loads(path.read_text())
+
+
+def draw_plots(out_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
+    """Draw the PNGs; returns {plot name: path} for the plots that have data."""
+    plt = _plt()
+    curves = {name: [read_metrics(out_dir / rd) for rd in s["runs"]] for name, s in summary["optimizers"].items()}
+    paths: dict[str, Path] = {}
+    target = summary["target_val_loss"]
+
+    def save(fig: Any, name: str) -> None:
+        path = out_dir / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths[name] = path
+
+    for name, key, xlabel in (("val_loss_vs_tokens", "tokens", "training tokens"),
+                              ("val_loss_vs_time", "time_s", "training wall time (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for opt, runs in curves.items():
+            for i, rows in enumerate(runs):
+                ev = [r for r in rows if r.get("kind") == "eval" and r["step"] > 0]
+                ax.plot([r[key] for r in ev], [r["val_loss"] for r in ev], marker="o", ms=3,
+                        label=opt if i == 0 else None, color=_color(opt, list(curves)))
+        ax.axhline(target, color="k", ls=":", lw=0.8, label=f"{summary['baseline']} final")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.set_title(f"validation loss vs {xlabel.split(' (')[0]}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        save(fig, name)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for opt, runs in curves.items():
+        rows = [r for r in runs[0] if r.get("kind") == "train"]
+        ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], label=opt, color=_color(opt, list(curves)))
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate (first group)")
+    ax.set_yscale("log")
+    ax.set_title("learning-rate schedule")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    save(fig, "learning_rate")
+
+    have_rms = False
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for opt, runs in curves.items():
+        rows = [r for r in runs[0] if "muon_update_rms" in r]
+        if rows:
+            have_rms = True
+            ax.plot([r["step"] for r in rows], [r["muon_update_rms"] for r in rows], marker="o", ms=3, label=opt,
+                    color=_color(opt, list(curves)))
+    if have_rms:
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean update RMS of Muon matrices")
+        ax.set_title("Muon update RMS")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        save(fig, "muon_update_rms")
+    else:
+        plt.close(fig)
+
+    if any(len(s["sweep"]) > 1 for s in summary["optimizers"].values()):
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for opt, s in summary["optimizers"].items():
+            pts = [p for p in s["sweep"] if p["final_val_loss"] != float("inf")]
+            ax.plot([p["lr"] for p in pts], [p["final_val_loss"] for p in pts], marker="o", label=opt,
+                    color=_color(opt, list(curves)))
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final validation loss")
+        ax.set_title("learning-rate sweep")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        save(fig, "lr_sweep")
+    return paths
+
+
+def _color(name: str, names: list[str]) -> str:
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    return palette[names.index(name) % len(palette)]
+
+
+def _fmt(v: Any, kind: str = "") -> str:
+    if v is None:
+        return "—"
+    if kind == "x":
+        return f"{v:.2f}×"
+    if kind == "bytes":
+        return f"{v / 1024:,.1f} KiB"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return html.escape(str(v))
+
+
+def write_report(out_dir: str | Path) -> Path:
+    """Draw the plots and write ``report.html`` (images embedded, no external files)."""
+    out_dir = Path(out_dir)
+    summary = load_summary(out_dir)
+    plots = draw_plots(out_dir, summary)
+    rows = []
+    for s in summary["optimizers"].values():
+        spread = f" ± {s['final_val_loss_std']:.4f}" if s.get("seeds", 1) > 1 else ""
+        rows.append(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in [
+                html.escape(s["optimizer"]), _fmt(s["best_lr"]), _fmt(s["final_val_loss"]) + spread, _fmt(s["tokens"]),
+                _fmt(s["tokens_to_baseline"]), _fmt(s["speedup_tokens"], "x"), _fmt(s["wall_time_s"]),
+                _fmt(s["time_to_baseline_s"]), _fmt(s["speedup_time"], "x"), _fmt(s["step_ms"]),
+                _fmt(s["optimizer_state_bytes"], "bytes"),
+            ]) + "</tr>"
+        )
+    figs = []
+    for name in PLOTS:
+        if name in plots:
+            data = base64.b64encode(plots[name].read_bytes()).decode()
+            figs.append(f'<figure><img class="plot" alt="{name}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>")
+    cfg = json.dumps({k: summary.get(k) for k in ("config", "corpus", "environment")}, indent=2, default=str)
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>muonlab comparison</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} th{{background:#f3f3f3}}
+.plots{{display:flex;flex-wrap:wrap;gap:1em}} figure{{margin:0}} img.plot{{max-width:580px;border:1px solid #eee}}
+pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}
+</style></head>
+<body>
+<h1>muonlab: optimizer comparison</h1>
+<p>Model <b>{html.escape(str(summary['config']['model']))}</b>, {summary['config']['steps']} steps per run,
+baseline <b>{html.escape(summary['baseline'])}</b> (final validation loss {summary['target_val_loss']:.4f}).
+Speed-up = baseline's tokens (time) / tokens (time) this optimizer needed to reach the baseline's final loss,
+read off its validation curve.</p>
+<table id="summary">
+<thead><tr><th>optimizer</th><th>best lr</th><th>final val loss</th><th>tokens</th><th>tokens to baseline loss</th>
+<th>token speed-up</th><th>train time (s)</th><th>time to baseline loss (s)</th><th>time speed-up</th>
+<th>step (ms)</th><th>optimizer state</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<div class="plots">
+{chr(10).join(figs)}
+</div>
+<h2>Configuration and environment</h2>
+<pre id="config">{html.escape(cfg)}</pre>
+<script>
+// lets a headless browser test confirm every plot decoded and rendered
+window.addEventListener('load', () => {{
+  const imgs = Array.from(document.querySelectorAll('img.plot'));
+  document.body.dataset.plotsRendered = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
+    path = out_dir / "report.html"
+    atomic_write_text(path, doc)
+    return path

@@ -154,15 +154,20 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str, out_dir: Pat
             "step_ms": statistics.fmean([r["step_ms"] for r in chosen]) if chosen else math.nan,
             "optimizer_state_bytes": chosen[0].get("optimizer_state_bytes") if chosen else None,
             "runs": [r["run_dir"] for r in chosen],
+            "run_seeds": [r["seed"] for r in chosen],
             "sweep": sweep,
         }
     target = per_opt[baseline]["final_val_loss"]
+    # paired by seed (same init and data order): the target of a seed is the baseline's final loss at that seed
+    base_by_seed = {seed: json.loads((out_dir / rd / "result.json").read_text())["final_val_loss"]
+                    for rd, seed in zip(per_opt[baseline]["runs"], per_opt[baseline]["run_seeds"])}
     for name, s in per_opt.items():
         tok, tim = [], []
-        for rd in s["runs"]:
+        for rd, seed in zip(s["runs"], s["run_seeds"]):
             rows = read_metrics(out_dir / rd)
-            tok.append(crossing(rows, target, "tokens"))
-            tim.append(crossing(rows, target, "time_s"))
+            seed_target = base_by_seed.get(seed, target)
+            tok.append(crossing(rows, seed_target, "tokens"))
+            tim.append(crossing(rows, seed_target, "time_s"))
         reached = all(v is not None for v in tok) and bool(tok)
         s["tokens_to_baseline"] = statistics.fmean(tok) if reached else None  # type: ignore[arg-type]
         s["time_to_baseline_s"] = statistics.fmean(tim) if reached else None  # type: ignore[arg-type]

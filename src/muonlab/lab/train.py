@@ -102,14 +102,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "cosine":
-        progress = (step - warm) / max(1, total - warm - 1)
+        progress = (step - warm) / max(1, total - warm)  # reaches 0 at step == total, after the last update
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     # warmup-stable-decay: constant, then a linear decay over the last decay_fraction of steps
     decay_steps = max(1, int(round(cfg.decay_fraction * total)))
     start = total - decay_steps
     if step < start:
         return 1.0
-    progress = (step - start + 1) / decay_steps
+    progress = (step - start) / decay_steps
     return lo + (1 - lo) * (1 - min(1.0, progress))
 
 

@@ -1,0 +1,145 @@
+"""The trainer: determinism, bit-identical resume, schedules, accumulation and clear errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from muonlab.lab.data import load_corpus
+from muonlab.lab.train import TrainConfig, lr_factor, read_metrics, train
+
+MICRO = dict(d_model=32, n_layer=1, n_head=2, n_kv_head=1, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(3000))
+    (root / "code.py").write_text(text)
+    return load_corpus(root / "code.py", cache_dir=root / "cache")
+
+
+def micro_config(**kw) -> TrainConfig:
+    base = TrainConfig(model="tiny", model_overrides=MICRO, steps=12, batch_size=4, eval_every=4, eval_batches=2,
+                       checkpoint_every=4, warmup=2, device="cpu")
+    return replace(base, **kw)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def evals(run_dir):
+    return [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if r["kind"] == "eval"]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_is_bit_identical(tmp_path, corpus, optimizer):
+    cfg = micro_config(optimizer=optimizer)
+    full = train(cfg, tmp_path / "full", progress=False, corpus=corpus)
+    part = train(cfg, tmp_path / "part", progress=False, corpus=corpus, stop_after=5)
+    assert part == {"finished": False, "step": 5}
+    assert (tmp_path / "part" / "checkpoint.pt").exists() and not (tmp_path / "part" / "result.json").exists()
+    resumed = train(cfg, tmp_path / "part", progress=False, corpus=corpus)
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")  # exact float equality
+    assert evals(tmp_path / "full") == evals(tmp_path / "part")
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+    steps = [r["step"] for r in read_metrics(tmp_path / "part") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))  # no duplicated or missing rows after resume
+
+
+def test_same_seed_same_run_different_seed_differs(tmp_path, corpus):
+    cfg = micro_config(steps=4, eval_every=2)
+    train(cfg, tmp_path / "a", progress=False, corpus=corpus)
+    train(cfg, tmp_path / "b", progress=False, corpus=corpus)
+    train(replace(cfg, seed=1), tmp_path / "c", progress=False, corpus=corpus)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+
+
+def test_finished_run_is_cached_and_config_change_is_refused(tmp_path, corpus):
+    cfg = micro_config(steps=4, eval_every=2)
+    first = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    again = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    assert again == first
+    train(cfg, tmp_path / "s", progress=False, corpus=corpus, stop_after=2)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(replace(cfg, steps=6), tmp_path / "s", progress=False, corpus=corpus)
+
+
+def test_training_reduces_loss_and_writes_files(tmp_path, corpus):
+    cfg = micro_config(steps=30, eval_every=10, checkpoint_every=10)
+    res = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    ev = evals(tmp_path / "r")
+    assert ev[0][0] == 0 and ev[-1][0] == 30
+    assert ev[-1][1] < ev[0][1] - 1.0
+    meta = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert meta["corpus"]["hash"] == corpus.meta["hash"] and meta["corpus"]["size"] > 0
+    assert res["tokens"] == 30 * 4 * 32
+    assert res["optimizer_state_bytes"] > 0
+    rows = [r for r in read_metrics(tmp_path / "r") if "muon_update_rms" in r]
+    assert rows and all(r["muon_update_rms"] > 0 for r in rows)
+
+
+def test_grad_accumulation_matches_bigger_batch_in_token_count(tmp_path, corpus):
+    cfg = micro_config(steps=4, eval_every=2, grad_accum=2)
+    res = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    assert res["tokens"] == 4 * 2 * 4 * 32
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules_warm_up_and_fully_decay(schedule):
+    cfg = micro_config(steps=100, warmup=10, schedule=schedule, decay_fraction=0.2)
+    f = [lr_factor(s, cfg) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert max(f) == pytest.approx(1.0)
+    if schedule == "constant":
+        assert f[-1] == 1.0
+    else:
+        assert f[100] == pytest.approx(0.0, abs=1e-12)  # fully decayed when the budget ends
+        assert 0 < f[99] < 0.06  # the last update still moves, with a tiny lr
+        assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone after warmup
+    if schedule == "wsd":
+        assert f[50] == 1.0 and f[79] == 1.0 and f[85] < 1.0
+
+
+def test_scheduler_scales_every_group(tmp_path, corpus):
+    cfg = micro_config(steps=8, eval_every=4, warmup=0)
+    train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    rows = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "train"]
+    first, last = rows[0]["lrs"], rows[-1]["lrs"]
+    assert len(first) >= 2  # muon and adamw groups
+    ratios = [b / a for a, b in zip(first, last)]
+    assert all(r == pytest.approx(ratios[0]) for r in ratios) and ratios[0] < 0.2
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(optimizer="adamz"), "valid optimizers"),
+        (dict(model="huge"), "tiny"),
+        (dict(steps=0), "steps"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(schedule="linear"), "schedule"),
+        (dict(lr=-1.0), "lr"),
+    ],
+)
+def test_bad_configs_are_clear_errors(tmp_path, corpus, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train(micro_config(**kw), tmp_path / "r", progress=False, corpus=corpus)
+
+
+def test_batch_larger_than_data_is_an_error(tmp_path):
+    (tmp_path / "small.txt").write_text("tiny corpus " * 20)
+    corpus = load_corpus(tmp_path / "small.txt", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="longer than the data|larger than the training data"):
+        train(micro_config(batch_size=64), tmp_path / "r", progress=False, corpus=corpus)
+
+
+def test_divergence_is_reported_not_silent(tmp_path, corpus):
+    cfg = micro_config(optimizer="sgd", lr=1e6, steps=6, eval_every=3)
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train(cfg, tmp_path / "r", progress=False, corpus=corpus)

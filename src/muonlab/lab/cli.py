@@ -52,6 +52,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_efficiency(args: argparse.Namespace) -> int:
+    from muonlab.lab.compare import efficiency
+
+    base = _base_config(args, DEFAULT_COMPARE_STEPS)
+    fractions = tuple(float(f) for f in args.fractions.split(",") if f.strip())
+    seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    efficiency(args.optimizer, args.baseline, base=base, fractions=fractions, sweep=not args.no_sweep, seeds=seeds,
+               out=args.out, progress=not args.quiet)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
@@ -101,6 +112,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="redraw plots and report.html of a compare folder from its files")
     p.add_argument("dir", help="folder written by `muonlab compare`")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("efficiency", help="tokens/time an optimizer needs to match the baseline's final loss")
+    p.add_argument("--optimizer", default="muon")
+    p.add_argument("--baseline", default="adamw")
+    p.add_argument("--fractions", default="0.4,0.5,0.67,0.8,1.0", help="budgets as fractions of --steps")
+    p.add_argument("--no-sweep", action="store_true", help="use default learning rates only")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=None, help="output folder [runs/efficiency-<time>]")
+    _add_train_args(p, DEFAULT_COMPARE_STEPS)
+    p.set_defaults(func=cmd_efficiency)
 
     p = sub.add_parser("optimizers", help="list the optimizer zoo")
     p.set_defaults(func=cmd_optimizers)

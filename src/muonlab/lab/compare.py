@@ -212,3 +212,141 @@ def format_summary(summary: dict[str, Any]) -> str:
     head = ["optimizer", "lr", "final val loss", "tokens", "time (s)", "ms/step", "tokens speed-up", "time speed-up"]
     return (f"baseline {summary['baseline']} final val loss {summary['target_val_loss']:.4f}\n"
             + format_table(head, rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample efficiency: fully decayed runs at several budgets (never mid-schedule checkpoints)
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_FRACTIONS = (0.4, 0.5, 0.67, 0.8, 1.0)
+
+
+def _interp_crossing(xs: list[float], ys: list[float], target: float) -> Optional[float]:
+    """Smallest x at which the piecewise-linear curve (xs ascending) gets down to ``target``."""
+    if ys[0] <= target:
+        return xs[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if y1 <= target:
+            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0) if y0 != y1 else x1
+    return None
+
+
+def efficiency(
+    optimizer: str = "muon",
+    baseline: str = "adamw",
+    *,
+    base: Optional[TrainConfig] = None,
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    sweep: bool = True,
+    lr_multipliers: tuple[float, ...] = SWEEP_MULTIPLIERS,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    out: Optional[str | Path] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """How many tokens (and how much time) ``optimizer`` needs to match ``baseline``'s best final loss.
+
+    The baseline trains for ``base.steps``; ``optimizer`` trains separate, fully decayed runs of
+    ``f * base.steps`` steps for each fraction f. Both get an lr sweep (best by mean final loss over
+    seeds, per budget). The token ratio is where the optimizer's final-loss-vs-budget curve crosses the
+    baseline's final loss (linear interpolation between budgets); < 1 means fewer tokens.
+    """
+    parse_optimizer_list([optimizer, baseline])
+    base = replace(base) if base is not None else TrainConfig()
+    base.validate()
+    if any(not (0 < f <= 1.5) for f in fractions):
+        raise ValueError(f"fractions must be in (0, 1.5], got {fractions}")
+    out_dir = Path(out) if out is not None else Path("runs") / time.strftime("efficiency-%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
+    fractions = tuple(sorted(fractions))
+
+    def run_set(name: str, steps: int) -> dict[str, Any]:
+        default_lr = get_entry(name).lr_for(base.model)
+        lrs = [default_lr * m for m in lr_multipliers] if sweep else [default_lr]
+        by_lr: dict[float, list[dict[str, Any]]] = {}
+        for lr in lrs:
+            for seed in seeds:
+                cfg = replace(base, optimizer=name, lr=lr, seed=seed, steps=steps,
+                              eval_every=max(1, steps // 4), checkpoint_every=max(1, steps // 2))
+                rd = out_dir / "runs" / f"{name}_{steps}steps" / f"lr{lr:.3g}_seed{seed}"
+                try:
+                    res = train(cfg, rd, progress=progress, corpus=corpus)
+                except FloatingPointError:
+                    res = {"final_val_loss": math.inf, "wall_time_s": math.inf, "tokens": 0, "seed": seed}
+                by_lr.setdefault(lr, []).append(res)
+        best_lr = min(by_lr, key=lambda lr: statistics.fmean(r["final_val_loss"] for r in by_lr[lr]))
+        rs = by_lr[best_lr]
+        return {"steps": steps, "best_lr": best_lr, "tokens": rs[0]["tokens"],
+                "final_val_loss": statistics.fmean(r["final_val_loss"] for r in rs),
+                "per_seed_loss": {r["seed"]: r["final_val_loss"] for r in rs},
+                "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
+                "per_seed_time": {r["seed"]: r["wall_time_s"] for r in rs},
+                "sweep": {lr: statistics.fmean(r["final_val_loss"] for r in v) for lr, v in by_lr.items()}}
+
+    log(f"muonlab efficiency: {optimizer} at {list(fractions)} x {base.steps} steps vs {baseline} at {base.steps} "
+        f"({len(seeds)} seeds, {'sweep' if sweep else 'default lr'}) -> {out_dir}")
+    ref = run_set(baseline, base.steps)
+    points = []
+    for f in fractions:
+        steps = max(1, round(f * base.steps))
+        p = run_set(optimizer, steps)
+        p["fraction"] = steps / base.steps
+        points.append(p)
+        log(f"  {optimizer} {steps} steps: final val loss {p['final_val_loss']:.4f} (best lr {p['best_lr']:.3g}); "
+            f"{baseline} {base.steps} steps: {ref['final_val_loss']:.4f}")
+    xs = [p["fraction"] for p in points]
+    token_ratio = _interp_crossing(xs, [p["final_val_loss"] for p in points], ref["final_val_loss"])
+    per_seed_ratio = {}
+    for seed in seeds:
+        r = _interp_crossing(xs, [p["per_seed_loss"][seed] for p in points], ref["per_seed_loss"][seed])
+        per_seed_ratio[seed] = r
+    time_ratio = None
+    if token_ratio is not None:
+        times = [p["wall_time_s"] for p in points]
+        t = times[0] if token_ratio <= xs[0] else next(
+            t0 + (token_ratio - x0) / (x1 - x0) * (t1 - t0)
+            for (x0, t0), (x1, t1) in zip(zip(xs, times), zip(xs[1:], times[1:])) if x0 <= token_ratio <= x1)
+        time_ratio = t / ref["wall_time_s"]
+    ok = [v for v in per_seed_ratio.values() if v is not None]
+    result = {
+        "optimizer": optimizer, "baseline": baseline, "model": base.model, "baseline_steps": base.steps,
+        "baseline": ref, "points": points, "token_ratio": token_ratio, "time_ratio": time_ratio,
+        "token_speedup": (1 / token_ratio) if token_ratio else None, "time_speedup": (1 / time_ratio) if time_ratio else None,
+        "per_seed_token_ratio": per_seed_ratio,
+        "per_seed_token_ratio_mean": statistics.fmean(ok) if ok else None,
+        "per_seed_token_ratio_std": statistics.stdev(ok) if len(ok) > 1 else 0.0,
+        "seeds": list(seeds), "config": asdict(base), "environment": environment(),
+    }
+    atomic_write_text(out_dir / "efficiency.json", json.dumps(result, indent=2, default=str))
+    _plot_efficiency(result, out_dir / "efficiency.png")
+    tr = "not reached" if token_ratio is None else f"{token_ratio:.3f}x tokens ({1 / token_ratio:.2f}x fewer)"
+    ti = "-" if time_ratio is None else f"{time_ratio:.3f}x time ({1 / time_ratio:.2f}x faster)"
+    log(f"{optimizer} matches {baseline}'s final loss {ref['final_val_loss']:.4f} with {tr}, {ti}; "
+        f"per-seed token ratio {result['per_seed_token_ratio_mean']} ± {result['per_seed_token_ratio_std']:.3f}")
+    return result
+
+
+def _plot_efficiency(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pts = result["points"]
+    ax.plot([p["tokens"] for p in pts], [p["final_val_loss"] for p in pts], "o-", color="#d62728",
+            label=f"{result['optimizer']} (fully decayed run per budget)")
+    ref = result["baseline"]
+    ax.axhline(ref["final_val_loss"], color="#1f77b4", ls="--", label=f"{result['baseline']} final loss at {ref['tokens']:,} tokens")
+    ax.axvline(ref["tokens"], color="#1f77b4", ls=":", lw=0.8)
+    ax.set_xlabel("training tokens (budget)")
+    ax.set_ylabel("final validation loss")
+    tr = result["token_ratio"]
+    ax.set_title(f"{result['model']}: tokens to match {result['baseline']}: "
+                 + ("not reached" if tr is None else f"{tr:.2f}x ({1 / tr:.2f}x fewer)"))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -109,9 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_more(sub: argparse._SubParsersAction) -> None:
-    from muonlab.lab.cli import register  # argparse wiring only; heavy imports happen per command
+    # argparse wiring only; heavy imports happen when a command runs
+    from muonlab.lab.analysis.cli import register as register_analysis
+    from muonlab.lab.cli import register as register_lab
 
-    register(sub)
+    register_lab(sub)
+    register_analysis(sub)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

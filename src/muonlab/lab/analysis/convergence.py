@@ -62,6 +62,8 @@ def ns_convergence(
     presets: Optional[list[str]] = None,
 ) -> list[ConvergenceRow]:
     """Error ‖X_k − UVᵀ‖_F / ‖UVᵀ‖_F for k = 1..steps for every method and preset."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     G = make_test_matrix(shape, seed, spectrum)
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
     ref = U @ Vh
@@ -114,14 +116,15 @@ def plot_convergence(rows: list[ConvergenceRow], path: Path, title: str) -> None
     ax1.set_title(title)
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=7)
-    x = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    x = torch.logspace(-4, 0, 1001, dtype=torch.float64)  # normalised singular values are mostly << 1
     for name in PRESETS:
         y = scalar_map(x, resolve_schedule(name, steps))
         ax2.plot(x.numpy(), y.numpy(), label=name)
     ax2.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax2.set_xlabel("singular value x of the normalised input")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("singular value x of the normalised input (log scale)")
     ax2.set_ylabel(f"g^({steps})(x)")
-    ax2.set_title(f"scalar map after {steps} steps")
+    ax2.set_title(f"scalar map x -> g^({steps})(x) on [1e-4, 1]")
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=7)
     fig.tight_layout()

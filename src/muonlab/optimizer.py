@@ -35,6 +35,7 @@ from .views import auto_view, blocks, check_view, matrix_shapes
 
 ALGORITHMS = ("muon", "adamw", "rms")
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
+_BY_SHAPE = "by shape (no module given)"
 
 _DTYPE_TO_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -57,8 +58,9 @@ class Muon(Optimizer):
 
     where :math:`s(a, b)` is ``adjust_lr_fn``: ``"original"`` :math:`\sqrt{\max(1, a/b)}`,
     ``"match_rms_adamw"`` :math:`0.2\sqrt{\max(a, b)}`, ``"spectral"`` :math:`\sqrt{a/b}`,
-    ``"none"`` 1. Under ``"original"``/``"none"``, ``lr`` is the spectral norm of the step of a
-    square matrix (an update RMS of about lr/sqrt(n)); under ``"match_rms_adamw"`` it is an
+    ``"none"`` 1. Under ``"original"``/``"none"``, ``lr`` is (up to the Newton-Schulz band, e.g.
+    0.7-1.2 for Keller's quintic; exactly with ``ns_method="svd"``) the spectral norm of the step of
+    a square matrix, an update RMS of about lr/sqrt(n); under ``"match_rms_adamw"`` it is an
     AdamW-like learning rate (update RMS ≈ 0.2·lr).
 
     AdamW groups follow ``torch.optim.AdamW`` exactly (bias correction, decoupled decay).
@@ -211,10 +213,10 @@ class Muon(Optimizer):
         out = []
         extra = {k: v for k, v in group.items() if k != "params"}
         if matrices:
-            out.append({**extra, "params": matrices, "algorithm": "muon"})
+            out.append({**extra, "params": matrices, "algorithm": "muon", "routing": [_BY_SHAPE] * len(matrices)})
         if others:
             adam_extra = {k: v for k, v in extra.items() if k not in ("lr", "weight_decay", "eps")}
-            out.append({**adam_extra, "params": others, "algorithm": "adamw"})
+            out.append({**adam_extra, "params": others, "algorithm": "adamw", "routing": [_BY_SHAPE] * len(others)})
         return out
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -273,21 +275,45 @@ class Muon(Optimizer):
         group.pop("view", None)
         group["params"] = list(zip(names, tensors))
         for name, r in zip(names, reasons):
-            self._reasons[name] = r or ("group algorithm" if "algorithm" in param_group else "by shape (no module given)")
+            self._reasons[name] = r or ("group algorithm" if "algorithm" in param_group else _BY_SHAPE)
         super().add_param_group(group)
         g = self.param_groups[-1]
-        if alg == "muon":
-            _validate_muon(g, f"param group {len(self.param_groups) - 1}")
-            g["ns_coefficients"] = _freeze(g["ns_coefficients"])
-            g["ns_dtype"] = _dtype_name(g["ns_dtype"])
-            g["adjust_lr_fn"] = g["adjust_lr_fn"] if g["adjust_lr_fn"] is not None else "original"
-        elif alg == "adamw":
-            _validate_adamw(g, f"param group {len(self.param_groups) - 1}")
-        else:
-            _validate_rms(g, f"param group {len(self.param_groups) - 1}")
+        try:
+            if alg == "muon":
+                _validate_muon(g, f"param group {len(self.param_groups) - 1}")
+                g["ns_coefficients"] = _freeze(g["ns_coefficients"])
+                g["ns_dtype"] = _dtype_name(g["ns_dtype"])
+                g["adjust_lr_fn"] = g["adjust_lr_fn"] if g["adjust_lr_fn"] is not None else "original"
+            elif alg == "adamw":
+                _validate_adamw(g, f"param group {len(self.param_groups) - 1}")
+            else:
+                _validate_rms(g, f"param group {len(self.param_groups) - 1}")
+        except (ValueError, TypeError):
+            # an invalid group must not stay behind in the optimizer (its parameters stay free)
+            self.param_groups.pop()
+            for name in names:
+                self._reasons.pop(name, None)
+            raise
+
+    # Optimizer.__getstate__ keeps only defaults/state/param_groups; deepcopy and pickle would drop
+    # these attributes and step() would fail with AttributeError.
+    _EXTRA_STATE = {
+        "nonfinite": "raise", "batched": True, "foreach": True, "track_stats": False, "last_stats": {},
+        "skipped_steps": 0, "_reasons": {}, "_frozen": [], "_warned_plain": False,
+    }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in (*self._EXTRA_STATE, "_adamw_defaults"):
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for key, value in self._EXTRA_STATE.items():
+            if key not in self.__dict__:
+                self.__dict__[key] = value.copy() if isinstance(value, (dict, list)) else value
         # older state_dicts: fill options added later with their defaults
         for i, group in enumerate(self.param_groups):
             alg = group.setdefault("algorithm", "muon")

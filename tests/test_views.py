@@ -1,0 +1,166 @@
+"""Tests for logical-matrix views (``muonlab.views``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muonlab.views import View, auto_view, blocks, check_view, matrix_shapes, parse_view
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------------- parsing
+@pytest.mark.parametrize("spec,view", [
+    ("matrix", View("matrix")),
+    ("flatten", View("flatten")),
+    ("experts", View("experts")),
+    ("heads:8", View("heads", heads=8)),
+    ("heads:4:1", View("heads", heads=4, dim=1)),
+    ("heads:4:0", View("heads", heads=4, dim=0)),
+    ("split:512,128,128", View("split", sizes=(512, 128, 128))),
+    ("split:7", View("split", sizes=(7,))),
+    (" Matrix ", View("matrix")),
+])
+def test_parse_view(spec, view):
+    assert parse_view(spec) == view
+
+
+@pytest.mark.parametrize("spec", ["matrix", "flatten", "experts", "heads:8", "heads:4:1", "split:3,2,1"])
+def test_view_str_round_trips(spec):
+    assert str(parse_view(spec)) == spec
+    assert parse_view(str(parse_view(spec))) == parse_view(spec)
+
+
+@pytest.mark.parametrize("spec", [
+    "", "rows", "heads", "heads:0", "heads:-2", "heads:x", "heads:4:2", "heads:4:1:1",
+    "split", "split:", "split:0,4", "split:4,-1", "split:a,b", "matrix:2", "experts:4",
+])
+def test_parse_errors(spec):
+    with pytest.raises(ValueError, match="invalid view") as info:
+        parse_view(spec)
+    assert repr(spec) in str(info.value)
+
+
+def test_parse_rejects_non_strings():
+    with pytest.raises(TypeError, match="string"):
+        parse_view(8)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape,view", [((4, 5), "matrix"), ((3, 4, 5), "experts"), ((8, 3, 3, 3), "flatten"),
+                                        ((2, 2, 2, 2, 2), "flatten")])
+def test_auto_view(shape, view):
+    assert auto_view(shape) == view
+    check_view(view, shape)
+
+
+@pytest.mark.parametrize("shape", [(5,), ()])
+def test_auto_view_rejects_vectors(shape):
+    with pytest.raises(ValueError, match=rf"{len(shape)}-D tensor of shape {shape}".replace("(", r"\(").replace(")", r"\)")):
+        auto_view(shape)
+
+
+# ---------------------------------------------------------------------- blocks are views that write through
+def test_matrix_blocks_write_through():
+    t = torch.zeros(4, 6)
+    (b,) = blocks(t, "matrix")
+    assert b.shape == (1, 4, 6) and _shares_storage(b, t)
+    b[0, 1, 2] = 5.0
+    assert t[1, 2] == 5.0
+
+
+def test_flatten_blocks_write_through():
+    t = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    (b,) = blocks(t, "flatten")
+    assert b.shape == (1, 4, 12) and _shares_storage(b, t)
+    assert torch.equal(b[0], t.reshape(4, 12))
+    b[0, 3].fill_(-1.0)
+    assert (t[3] == -1).all() and (t[:3] >= 0).all()
+
+
+def test_experts_blocks_write_through():
+    t = torch.randn(3, 4, 5)
+    (b,) = blocks(t, "experts")
+    assert b.shape == (3, 4, 5) and _shares_storage(b, t)
+    b[1].zero_()
+    assert not t[1].any() and t[0].any()
+
+
+def test_heads_blocks_split_rows_and_write_through():
+    t = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6)
+    (b,) = blocks(t, "heads:4")
+    assert b.shape == (4, 2, 6) and _shares_storage(b, t)
+    for h in range(4):
+        assert torch.equal(b[h], t[2 * h:2 * h + 2])
+    b[2].fill_(100.0)
+    assert (t[4:6] == 100).all() and (t[:4] < 100).all() and (t[6:] < 100).all()
+    # copy_ into the whole block stack (as the optimizer does) writes the parameter
+    src = torch.randn(4, 2, 6)
+    b.copy_(src)
+    assert torch.equal(t, src.reshape(8, 6))
+
+
+def test_heads_dim1_blocks_split_columns_and_write_through():
+    t = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6)
+    (b,) = blocks(t, "heads:2:1")
+    assert b.shape == (2, 4, 3) and _shares_storage(b, t)
+    for h in range(2):
+        assert torch.equal(b[h], t[:, 3 * h:3 * h + 3])
+    b[1].fill_(-7.0)
+    assert (t[:, 3:] == -7).all() and (t[:, :3] >= 0).all()
+    src = torch.randn(2, 4, 3)
+    b.copy_(src)
+    assert torch.equal(t, torch.cat([src[0], src[1]], dim=1))
+
+
+def test_split_blocks_write_through():
+    t = torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4)
+    parts = blocks(t, "split:2,3,1")
+    assert [tuple(p.shape) for p in parts] == [(1, 2, 4), (1, 3, 4), (1, 1, 4)]
+    assert all(_shares_storage(p, t) for p in parts)
+    assert torch.equal(parts[1][0], t[2:5])
+    parts[1].fill_(0.5)
+    parts[2].fill_(-0.5)
+    assert (t[2:5] == 0.5).all() and (t[5] == -0.5).all() and torch.equal(t[:2], torch.arange(8.0).reshape(2, 4))
+
+
+# ---------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("shape,spec,expected", [
+    ((64, 32), "matrix", [(1, 64, 32)]),
+    ((16, 3, 3, 3), "flatten", [(1, 16, 27)]),
+    ((8, 4, 3, 5), "flatten", [(1, 8, 60)]),
+    ((4, 16, 32), "experts", [(4, 16, 32)]),
+    ((64, 32), "heads:8", [(8, 8, 32)]),
+    ((32, 64), "heads:8:1", [(8, 32, 8)]),
+    ((96, 32), "split:32,32,32", [(1, 32, 32)] * 3),
+    ((48, 32), "split:32,8,8", [(1, 32, 32), (1, 8, 32), (1, 8, 32)]),
+])
+def test_matrix_shapes(shape, spec, expected):
+    assert matrix_shapes(shape, spec) == expected
+    assert [tuple(b.shape) for b in blocks(torch.empty(shape), spec)] == expected
+
+
+# ---------------------------------------------------------------------- check_view errors
+@pytest.mark.parametrize("spec,shape,message", [
+    ("matrix", (4, 5, 6), r"w with shape \(4, 5, 6\): view 'matrix' needs a 2-D tensor"),
+    ("experts", (4, 5), r"w with shape \(4, 5\): view 'experts' needs a 3-D"),
+    ("heads:4", (30, 8), r"w with shape \(30, 8\): view 'heads:4' does not divide dim 0 of size 30 into 4 heads"),
+    ("heads:3:1", (6, 8), r"w with shape \(6, 8\): view 'heads:3:1' does not divide dim 1 of size 8 into 3 heads"),
+    ("heads:2", (4, 4, 4), r"w with shape \(4, 4, 4\): view 'heads:2' needs a 2-D tensor"),
+    ("split:4,4", (9, 3), r"w with shape \(9, 3\): view 'split:4,4' sizes sum to 8, not dim 0 = 9"),
+    ("split:4,4", (8, 3, 2), r"w with shape \(8, 3, 2\): view 'split:4,4' needs a 2-D tensor"),
+    ("matrix", (7,), r"w with shape \(7,\): Muon needs a matrix, but the tensor is 1-D"),
+    ("flatten", (), r"w with shape \(\): Muon needs a matrix, but the tensor is 0-D"),
+    ("diag", (4, 4), r"invalid view 'diag'"),
+])
+def test_check_view_errors_name_parameter_and_shape(spec, shape, message):
+    with pytest.raises(ValueError, match=message):
+        check_view(spec, shape, "w")
+
+
+def test_check_view_accepts_valid_and_returns_the_view():
+    assert check_view("heads:4", torch.Size([32, 8])) == View("heads", heads=4)
+    assert check_view("split:3,5", (8, 2)).sizes == (3, 5)
+    assert check_view("flatten", (8, 2, 3)).kind == "flatten"  # 3-D conv1d kernels flatten too

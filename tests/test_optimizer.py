@@ -1020,3 +1020,25 @@ def test_rms_group_updates_nonmatrix_params():
     upd = before - model.norm.weight.detach()
     # m / rms(m) has RMS 1, so the step RMS is the lr
     assert float(upd.square().mean().sqrt()) == pytest.approx(1e-2, rel=1e-3)
+
+
+@pytest.mark.parametrize("limit", [1, 32 * 48 * 3, None])
+def test_chunked_batches_equal_the_loop(limit):
+    torch.manual_seed(0)
+    ps = [torch.randn(32, 48) for _ in range(7)] + [torch.randn(48, 32) for _ in range(3)]
+    grads = [torch.randn_like(p) for p in ps]
+    out = []
+    for kw in (dict(batched=False), dict(batch_max_elements=limit)):
+        qs = [torch.nn.Parameter(p.clone()) for p in ps]
+        opt = Muon([{"params": qs, "algorithm": "muon"}], **kw)
+        for _ in range(2):
+            for q, g in zip(qs, grads):
+                q.grad = g.clone()
+            opt.step()
+        out.append(torch.cat([q.detach().flatten() for q in qs]))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-6)
+
+
+def test_batch_max_elements_is_validated():
+    with pytest.raises(ValueError, match="batch_max_elements"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], batch_max_elements=0)

@@ -86,6 +86,7 @@ class Muon(Optimizer):
             step is skipped and counted in ``skipped_steps``) or ``"propagate"`` (no check).
         batched: stack same-shape matrices into one orthogonalization (default True); False is the
             per-matrix reference loop.
+        batch_max_elements: most elements per stacked call (default: 2**20 on CPU, 2**28 on CUDA).
         foreach: use ``torch._foreach`` kernels for the momentum update (default: True).
         track_stats: record per-parameter statistics in ``last_stats`` after each step.
 
@@ -126,6 +127,7 @@ class Muon(Optimizer):
         adamw_weight_decay: float = 0.0,
         nonfinite: str = "raise",
         batched: bool = True,
+        batch_max_elements: Optional[int] = None,
         foreach: Optional[bool] = None,
         track_stats: bool = False,
     ) -> None:
@@ -159,6 +161,9 @@ class Muon(Optimizer):
         _validate_muon(defaults, "Muon defaults")
         self.nonfinite = nonfinite
         self.batched = batched
+        if batch_max_elements is not None and (isinstance(batch_max_elements, bool) or batch_max_elements < 1):
+            raise ValueError(f"batch_max_elements must be a positive int or None, got {batch_max_elements!r}")
+        self.batch_max_elements = batch_max_elements
         self.foreach = True if foreach is None else foreach
         self.track_stats = track_stats
         self.last_stats: dict[str, dict[str, float]] = {}
@@ -298,7 +303,7 @@ class Muon(Optimizer):
     # Optimizer.__getstate__ keeps only defaults/state/param_groups; deepcopy and pickle would drop
     # these attributes and step() would fail with AttributeError.
     _EXTRA_STATE = {
-        "nonfinite": "raise", "batched": True, "foreach": True, "track_stats": False, "last_stats": {},
+        "nonfinite": "raise", "batched": True, "batch_max_elements": None, "foreach": True, "track_stats": False, "last_stats": {},
         "skipped_steps": 0, "_reasons": {}, "_frozen": [], "_warned_plain": False,
     }
 
@@ -498,10 +503,11 @@ class Muon(Optimizer):
             for src, dst in zip(blocks(d, view), blocks(upd, view)):
                 key = (tuple(src.shape[-2:]), key_settings, src.device, src.dtype)
                 buckets[key].append((src, dst))
-        # 2. orthogonalize each bucket as one batch (or one matrix stack at a time: the reference loop)
-        for (shape, (method, coeffs, steps, dtype, eps), _, _), pairs in buckets.items():
-            work = [(torch.cat([s for s, _ in pairs]) if len(pairs) > 1 else pairs[0][0], pairs)] if self.batched else [(s, [(s, d)]) for s, d in pairs]
-            for X, chunk in work:
+        # 2. orthogonalize each bucket in stacked chunks (or one matrix at a time: the reference loop)
+        for (shape, (method, coeffs, steps, dtype, eps), device, _), pairs in buckets.items():
+            chunks = _chunk_pairs(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
+            for chunk in chunks:
+                X = torch.cat([s for s, _ in chunk]) if len(chunk) > 1 else chunk[0][0]
                 if self.batched:
                     O = orthogonalize(X, method=method, coefficients=coeffs, steps=steps,
                                       dtype=dtype, eps=eps, nonfinite="propagate")
@@ -537,6 +543,17 @@ class Muon(Optimizer):
             p.add_(upd, alpha=-lr)
             if self.track_stats:
                 stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * lr
+
+    def _batch_limit(self, device: torch.device) -> int:
+        """Most elements stacked into one orthogonalize() call.
+
+        On CUDA large stacks amortize kernel launches; on CPU a stack beyond a few MB only adds
+        allocation and cache traffic (measured: 48 stacked 768x768 matrices were 1.5x slower than a
+        loop on a 2-core CPU, 546k page faults vs 58k), so CPU chunks stay small.
+        """
+        if self.batch_max_elements is not None:
+            return self.batch_max_elements
+        return 2**28 if device.type == "cuda" else 2**20
 
     def _adamw_group(self, group: dict[str, Any], stats: dict[str, dict[str, float]]) -> None:
         beta1, beta2 = group["betas"]
@@ -574,6 +591,24 @@ class Muon(Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
+def _chunk_pairs(pairs: list[tuple[Tensor, Tensor]], limit: int) -> list[list[tuple[Tensor, Tensor]]]:
+    """Split (source, destination) block pairs into consecutive chunks of at most ``limit`` elements
+    (a single block larger than the limit forms its own chunk)."""
+    chunks: list[list[tuple[Tensor, Tensor]]] = []
+    current: list[tuple[Tensor, Tensor]] = []
+    size = 0
+    for pair in pairs:
+        n = pair[0].numel()
+        if current and size + n > limit:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(pair)
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def _default_view(name: str, p: Tensor) -> str:
     try:
         return auto_view(p.shape)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import distributed as _dist
 from .coefficients import resolve_schedule
 from .orthogonalize import METHODS, orthogonalize, resolve_dtype
 from .routing import ParamGroups, RouteRow, RoutingReport, describe_matrices, muon_param_groups
@@ -89,6 +90,11 @@ class Muon(Optimizer):
         batch_max_elements: most elements per stacked call (default: 2**20 on CPU, 2**28 on CUDA).
         foreach: use ``torch._foreach`` kernels for the momentum update (default: True).
         track_stats: record per-parameter statistics in ``last_stats`` after each step.
+        process_group: the ``torch.distributed`` group to spread orthogonalization over (see
+            :mod:`muonlab.distributed`). Default: the world group when ``torch.distributed`` is
+            initialized, else single-process. ``False`` forces single-process behaviour. Each
+            logical matrix is orthogonalized by one owner rank (FLOP-balanced) and the results
+            are all-gathered; DDP, replicated parameters and FSDP2 (DTensor) parameters work.
 
     Example:
         >>> import torch
@@ -130,6 +136,7 @@ class Muon(Optimizer):
         batch_max_elements: Optional[int] = None,
         foreach: Optional[bool] = None,
         track_stats: bool = False,
+        process_group: Any = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
@@ -166,6 +173,8 @@ class Muon(Optimizer):
         self.batch_max_elements = batch_max_elements
         self.foreach = True if foreach is None else foreach
         self.track_stats = track_stats
+        self.process_group = process_group  # distributed (issue 6)
+        self.last_dist_times: dict[str, float] = {}  # distributed (issue 6): this rank's last step
         self.last_stats: dict[str, dict[str, float]] = {}
         self.skipped_steps = 0
         self._reasons: dict[str, str] = {}
@@ -305,6 +314,7 @@ class Muon(Optimizer):
     _EXTRA_STATE = {
         "nonfinite": "raise", "batched": True, "batch_max_elements": None, "foreach": True, "track_stats": False, "last_stats": {},
         "skipped_steps": 0, "_reasons": {}, "_frozen": [], "_warned_plain": False,
+        "process_group": None, "last_dist_times": {},
     }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -422,7 +432,9 @@ class Muon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        if not self._grads_ok():
+        pg = _dist.resolve_group(self.process_group)  # distributed (issue 6)
+        self._dist_pg = pg
+        if not self._grads_ok(pg):
             return loss
         stats: dict[str, dict[str, float]] = {} if self.track_stats else {}
         pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]] = []  # (group, name, p, direction, view)
@@ -440,8 +452,13 @@ class Muon(Optimizer):
             self.last_stats = stats
         return loss
 
-    def _grads_ok(self) -> bool:
-        """Validate gradients before any state is touched; apply the non-finite policy."""
+    def _grads_ok(self, pg: Any = None) -> bool:
+        """Validate gradients before any state is touched; apply the non-finite policy.
+
+        Under a process group (``pg``), finiteness and which Muon parameters have a gradient are
+        agreed across ranks with one all_reduce, so every rank takes the same path.
+        """
+        self._dist_allowed: Optional[set[int]] = None
         grads, names = [], []
         for group in self.param_groups:
             for name, p in zip(group["param_names"], group["params"]):
@@ -451,14 +468,26 @@ class Muon(Optimizer):
                     raise RuntimeError(f"parameter {name} with shape {tuple(p.shape)} has a sparse gradient; Muon needs dense gradients")
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"parameter {name}: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
-                grads.append(p.grad)
+                grads.append(_dist.local(p.grad))
                 names.append(name)
-        if self.nonfinite == "propagate" or not grads:
-            return True
-        flags = torch.stack([torch.isfinite(g).all() for g in grads])
-        if bool(flags.all()):
-            return True
-        bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
+        if pg is not None:  # distributed (issue 6): agree on finiteness and Muon participation
+            bad = []
+            if self.nonfinite != "propagate" and grads:
+                flags = torch.stack([torch.isfinite(g).all() for g in grads])
+                bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
+            muon_params = [p for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]]
+            agreed = _dist.agree([not bad] + [p.grad is not None for p in muon_params], pg)
+            self._dist_allowed = {id(p) for p, ok in zip(muon_params, agreed[1:]) if ok}
+            if agreed[0]:
+                return True
+            bad = bad or ["(a gradient on another rank)"]
+        else:
+            if self.nonfinite == "propagate" or not grads:
+                return True
+            flags = torch.stack([torch.isfinite(g).all() for g in grads])
+            if bool(flags.all()):
+                return True
+            bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             warnings.warn(f"Muon skipped a step: non-finite gradients in {', '.join(bad[:5])}", RuntimeWarning, stacklevel=3)
@@ -472,8 +501,9 @@ class Muon(Optimizer):
     def _muon_directions(self, group: dict[str, Any]) -> list[tuple[dict[str, Any], str, Tensor, Tensor, str]]:
         mu, nesterov, form = group["momentum"], group["nesterov"], group["momentum_form"]
         items = []
+        allowed = getattr(self, "_dist_allowed", None)
         for name, p, view in zip(group["param_names"], group["params"], group["views"]):
-            if p.grad is None:
+            if p.grad is None or (allowed is not None and id(p) not in allowed):
                 continue
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -488,6 +518,9 @@ class Muon(Optimizer):
         clip = group["clip_momentum_norm"]
         same = len({(g.device, g.dtype) for g in grads}) == 1 and all(b.dtype == g.dtype for b, g in zip(bufs, grads))
         if self.foreach and form == "ema" and clip is None and same:
+            # DTensor (FSDP2): the elementwise update runs on the local shards; the other path below
+            # keeps DTensors, so that the clipping norm is the global one
+            grads, bufs = [_dist.local(g) for g in grads], [_dist.local(b) for b in bufs]
             torch._foreach_lerp_(bufs, grads, 1 - mu)
             dirs = torch._foreach_lerp(grads, bufs, mu) if nesterov else bufs
         else:
@@ -495,30 +528,32 @@ class Muon(Optimizer):
         return [(group, name, p, d, view) for (name, p, _, view), d in zip(items, dirs)]
 
     def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]], stats: dict[str, dict[str, float]]) -> None:
+        pg = getattr(self, "_dist_pg", None)
+        if pg is not None:  # distributed (issue 6): FSDP2 directions are gathered to their full shape
+            pending = [(g, n, p, _full_direction(d, p), v) for g, n, p, d, v in pending]
         # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype)
-        updates = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for _, _, p, _, _ in pending]
+        updates = [torch.empty(d.shape, dtype=p.dtype, device=d.device) for _, _, p, d, _ in pending]
         buckets: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+        items: list[tuple[Tensor, Tensor, tuple]] = []  # distributed: one entry per logical matrix
         for (group, name, p, d, view), upd in zip(pending, updates):
             key_settings = (group["ns_method"], group["ns_coefficients"], group["ns_steps"], group["ns_dtype"], group["eps"])
             for src, dst in zip(blocks(d, view), blocks(upd, view)):
+                if src.shape[-2] > src.shape[-1]:
+                    # msign(Gᵀ) = msign(G)ᵀ: tall blocks join the bucket of their wide transpose
+                    src, dst = src.mT, dst.mT
                 key = (tuple(src.shape[-2:]), key_settings, src.device, src.dtype)
-                buckets[key].append((src, dst))
-        # 2. orthogonalize each bucket in stacked chunks (or one matrix at a time: the reference loop)
-        for (shape, (method, coeffs, steps, dtype, eps), device, _), pairs in buckets.items():
-            chunks = _chunk_pairs(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
-            for chunk in chunks:
-                X = torch.cat([s for s, _ in chunk]) if len(chunk) > 1 else chunk[0][0]
-                if self.batched:
-                    O = orthogonalize(X, method=method, coefficients=coeffs, steps=steps,
-                                      dtype=dtype, eps=eps, nonfinite="propagate")
+                if pg is None:
+                    buckets[key].append((src, dst))
                 else:
-                    O = torch.stack([orthogonalize(x, method=method, coefficients=coeffs, steps=steps,
-                                                   dtype=dtype, eps=eps, nonfinite="propagate") for x in X.unbind(0)])
-                offset = 0
-                for _, dst in chunk:
-                    k = dst.shape[0]
-                    dst.copy_(O[offset:offset + k])
-                    offset += k
+                    items.extend((s, t, key) for s, t in zip(src.unbind(0), dst.unbind(0)))
+        # 2. orthogonalize each bucket in stacked chunks (or one matrix at a time: the reference loop);
+        #    distributed: each rank its owned matrices, then one all_gather shares the results
+        if pg is None:
+            for key, pairs in buckets.items():
+                self._run_bucket(key, pairs)
+        else:
+            self.last_dist_times = {}
+            _dist.orthogonalize_owned(items, pg, self._run_bucket, self.last_dist_times)
         # 3. per parameter: NorMuon, shape scale, weight decay, the step
         for (group, name, p, _, view), upd in zip(pending, updates):
             lr = _scalar(group["lr"])
@@ -539,10 +574,33 @@ class Muon(Optimizer):
                 stats[name] = _ortho_stats(blks)
             for b in blks:
                 b.mul_(adjust_lr_scale(b.shape[-2], b.shape[-1], group["adjust_lr_fn"]))
-            apply_weight_decay_(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
-            p.add_(upd, alpha=-lr)
+            if _dist.is_dtensor(p):  # FSDP2: this rank's shard of the full update
+                apply_weight_decay_(_dist.local(p), _dist.local_slice(upd, p), lr, group["weight_decay"], group["cautious_weight_decay"])
+                _dist.local(p).add_(_dist.local_slice(upd, p), alpha=-lr)
+            else:
+                apply_weight_decay_(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
+                p.add_(upd, alpha=-lr)
             if self.track_stats:
                 stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * lr
+
+    def _run_bucket(self, key: tuple, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """Orthogonalize same-key (source, destination) block stacks in stacked chunks (or one matrix
+        at a time: the reference loop), writing into the destinations."""
+        _, (method, coeffs, steps, dtype, eps), device, _ = key
+        chunks = _chunk_pairs(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
+        for chunk in chunks:
+            X = torch.cat([s for s, _ in chunk]) if len(chunk) > 1 else chunk[0][0]
+            if self.batched:
+                O = orthogonalize(X, method=method, coefficients=coeffs, steps=steps,
+                                  dtype=dtype, eps=eps, nonfinite="propagate")
+            else:
+                O = torch.stack([orthogonalize(x, method=method, coefficients=coeffs, steps=steps,
+                                               dtype=dtype, eps=eps, nonfinite="propagate") for x in X.unbind(0)])
+            offset = 0
+            for _, dst in chunk:
+                k = dst.shape[0]
+                dst.copy_(O[offset:offset + k])
+                offset += k
 
     def _batch_limit(self, device: torch.device) -> int:
         """Most elements stacked into one orthogonalize() call.
@@ -567,11 +625,13 @@ class Muon(Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            before = p.detach().clone() if self.track_stats else None
-            adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
+            before = _dist.local(p).detach().clone() if self.track_stats else None
+            # DTensor (FSDP2): AdamW is elementwise, so it runs on the local shards
+            adamw_step_(_dist.local(p), _dist.local(p.grad), _dist.local(state["exp_avg"]), _dist.local(state["exp_avg_sq"]),
+                        int(state["step"].item()),
                         lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
             if before is not None:
-                stats[name] = {"update_rms": float((p - before).float().square().mean().sqrt())}
+                stats[name] = {"update_rms": float((_dist.local(p) - before).float().square().mean().sqrt())}
 
     def _rms_group(self, group: dict[str, Any], stats: dict[str, dict[str, float]]) -> None:
         lr = _scalar(group["lr"])
@@ -591,6 +651,15 @@ class Muon(Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
+def _full_direction(d: Tensor, p: Tensor) -> Tensor:
+    """The full-shape direction of an FSDP2 (DTensor) parameter (a collective); others unchanged."""
+    if _dist.is_dtensor(d):
+        return d.full_tensor()
+    if _dist.is_dtensor(p):
+        return _dist.full_from_local(d, p)
+    return d
+
+
 def _chunk_pairs(pairs: list[tuple[Tensor, Tensor]], limit: int) -> list[list[tuple[Tensor, Tensor]]]:
     """Split (source, destination) block pairs into consecutive chunks of at most ``limit`` elements
     (a single block larger than the limit forms its own chunk)."""

@@ -75,7 +75,7 @@ def test_training_reduces_loss_and_writes_files(tmp_path, corpus):
     res = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
     ev = evals(tmp_path / "r")
     assert ev[0][0] == 0 and ev[-1][0] == 30
-    assert ev[-1][1] < ev[0][1] - 1.0
+    assert ev[-1][1] < ev[0][1] - 0.5  # from ln(256) = 5.5 nats/byte
     meta = json.loads((tmp_path / "r" / "config.json").read_text())
     assert meta["corpus"]["hash"] == corpus.meta["hash"] and meta["corpus"]["size"] > 0
     assert res["tokens"] == 30 * 4 * 32

@@ -76,7 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tokens:
         cfg.steps = steps_for_tokens(args.tokens, cfg, cfg.seq_len or GPTConfig.from_name(cfg.model).seq_len)
     out = Path(args.out) if args.out else Path("runs") / f"train-{args.optimizer}-{cfg.key()}"
-    res = train(cfg, out, progress=not args.quiet, resume=not args.no_resume, log=print)
+    res = train(cfg, out, progress=not args.quiet, resume=not args.no_resume, log=print,
+                parallel=args.parallel)  # parallel (issue 6)
+    if args.parallel != "none" and int(__import__("os").environ.get("RANK", "0")) != 0:
+        return 0  # parallel (issue 6): only rank 0 prints
     print(json.dumps(res, indent=2))
     print(f"run folder: {out}")
     return 0
@@ -106,6 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder [runs/train-<optimizer>-<config hash>]")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",  # parallel (issue 6)
+                   help="data-parallel mode under torchrun (see docs/distributed.md) [none]")
     _add_train_args(p, DEFAULT_COMPARE_STEPS)
     p.set_defaults(func=cmd_train)
 

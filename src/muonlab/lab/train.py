@@ -204,11 +204,13 @@ def train(
     stop_after: Optional[int] = None,
     corpus: Optional[Corpus] = None,
     log: Any = None,
+    parallel: str = "none",
 ) -> dict[str, Any]:
     """Train one model with one optimizer; returns the result dict (also written to result.json).
 
     ``stop_after=K`` stops after K optimizer steps as if interrupted (a checkpoint is written),
-    which a later call with ``resume=True`` continues.
+    which a later call with ``resume=True`` continues. ``parallel`` (``"none"``, ``"ddp"``,
+    ``"fsdp"``) trains data-parallel under torchrun (see :mod:`muonlab.lab.parallel`).
     """
     from tqdm.auto import tqdm
 
@@ -222,6 +224,13 @@ def train(
         if done.get("config_key") == cfg.key():
             return done
     device = resolve_device(cfg.device)
+    # --- parallel (issue 6): process group, this rank's device; only rank 0 writes and prints
+    from .parallel import setup as setup_parallel
+
+    par = setup_parallel(parallel, device)
+    device, wdir = par.device, par.out_dir(run_dir)
+    progress, log = progress and par.is_main, log if par.is_main else None
+    # --- end parallel
     autocast = device.type == "cuda"
     entry = get_entry(cfg.optimizer)
 
@@ -243,7 +252,8 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
-    opt = build_optimizer(cfg.optimizer, model, size=cfg.model, lr=cfg.lr, adamw_lr=cfg.adamw_lr, **cfg.optimizer_options)
+    model, inner = par.wrap(model)  # parallel (issue 6): DDP / FSDP2; the optimizer gets the inner module
+    opt = build_optimizer(cfg.optimizer, inner, size=cfg.model, lr=cfg.lr, adamw_lr=cfg.adamw_lr, **cfg.optimizer_options)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     val_batches = corpus.val_batches(cfg.batch_size, seq_len, cfg.eval_batches)
 
@@ -254,20 +264,19 @@ def train(
             raise ValueError(
                 f"{ckpt_path} was written by a different configuration; use a new output folder or delete it"
             )
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        par.load(model, opt, ckpt["model"], ckpt["optimizer"])  # parallel (issue 6): plain load when "none"
         sched.load_state_dict(ckpt["scheduler"])
         start_step, train_time = int(ckpt["step"]), float(ckpt["train_time_s"])
         torch.set_rng_state(ckpt["rng"])
-    metrics = _Metrics(run_dir / "metrics.jsonl", start_step if start_step else None)
+    metrics = _Metrics(wdir / "metrics.jsonl", start_step if start_step else None)
     atomic_write_text(
-        run_dir / "config.json",
+        wdir / "config.json",
         json.dumps({"config": asdict(cfg), "config_key": cfg.key(), "model_config": mcfg.to_dict(),
-                    "n_params": model.num_parameters(), "corpus": corpus.meta, "environment": environment(),
+                    "n_params": inner.num_parameters(), "corpus": corpus.meta, "environment": environment(),
                     "optimizer_description": entry.description}, indent=2, default=str),
     )
     tb = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and par.is_main:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -284,11 +293,14 @@ def train(
                dynamic_ncols=True, leave=False)
 
     def checkpoint(step: int) -> None:
-        atomic_torch_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "step": step, "train_time_s": train_time, "rng": torch.get_rng_state(), "config_key": cfg.key()},
-            ckpt_path,
-        )
+        model_sd, optim_sd = par.state(model, opt)  # parallel (issue 6): full state dicts, a collective
+        if par.is_main:
+            atomic_torch_save(
+                {"model": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
+                 "step": step, "train_time_s": train_time, "rng": torch.get_rng_state(), "config_key": cfg.key()},
+                ckpt_path,
+            )
+        par.barrier()
 
     if start_step == 0:
         last_val = evaluate(model, val_batches, device, autocast)
@@ -309,12 +321,12 @@ def train(
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 x, y = corpus.get_batch("train", cfg.batch_size, seq_len, seed=cfg.seed, step=step * cfg.grad_accum + micro)
-                x, y = x.to(device), y.to(device)
+                x, y = par.shard(x.to(device), y.to(device))  # parallel (issue 6): this rank's rows
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), _attention_kernel(entry):
                     _, loss = model(x, y)
                     (loss / cfg.grad_accum).backward(create_graph=entry.backward_create_graph)
                 loss_sum += float(loss.detach())
-            train_loss = loss_sum / cfg.grad_accum
+            train_loss = par.mean(loss_sum / cfg.grad_accum)  # parallel (issue 6): the global batch's loss
             if not math.isfinite(train_loss):
                 raise FloatingPointError(
                     f"training loss became {train_loss} at step {step + 1} with {cfg.optimizer} lr={cfg.lr}; "
@@ -367,6 +379,7 @@ def train(
         metrics.close()
         if tb is not None:
             tb.close()
+        par.close()  # parallel (issue 6)
 
     if step < cfg.steps:
         return {"finished": False, "step": step}
@@ -382,14 +395,14 @@ def train(
         "wall_time_s": train_time,
         "step_ms": 1e3 * train_time / max(1, cfg.steps - start_step) if start_step == 0 else None,
         "optimizer_state_bytes": optimizer_state_bytes(opt),
-        "n_params": model.num_parameters(),
+        "n_params": inner.num_parameters(),
         "config_key": cfg.key(),
     }
     if result["step_ms"] is None:  # resumed: recompute from the per-step timings
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (wdir / "metrics.jsonl").read_text().splitlines()]
         ms = [r["step_ms"] for r in rows if r.get("kind") == "train"]
         result["step_ms"] = sum(ms) / len(ms)
-    atomic_write_text(result_path, json.dumps(result, indent=2))
+    atomic_write_text(wdir / "result.json", json.dumps(result, indent=2))
     if log:
         log(f"{cfg.optimizer}: final val loss {last_val:.4f} after {result['tokens']:,} tokens in {train_time:.1f}s")
     return result

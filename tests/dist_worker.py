@@ -1,0 +1,218 @@
+"""Worker process for tests/test_distributed.py (not a test module itself).
+
+Usage: python tests/dist_worker.py SCENARIOS RANK WORLD PORT OUTDIR [CKPT_DIR]
+
+SCENARIOS is a comma-separated list of: replicated, ddp, fsdp, fsdp_clip, nograd, nonfinite, ckpt_save, ckpt_load.
+Each scenario trains the tiny ``Net`` below with ``muonlab.Muon`` on the same global batches as
+the single-process reference (each rank takes its slice of every batch) and saves the full
+parameters to OUTDIR/<scenario>_rank<RANK>.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from muonlab import Muon
+
+VOCAB, DIM, BATCH, SEQ = 16, 8, 6, 5
+STEPS = 4
+CLIP = {"clip_momentum_norm": 0.05, "momentum_form": "sum"}
+
+
+class Net(nn.Module):
+    """Muon matrices of awkward shapes: (12, 8), (3, 12) (uneven over 2 ranks), (1, 3) (an empty
+    shard over 2 ranks), a heads:2 view (6, 8) and an expert stack (2, 4, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.a = nn.Linear(DIM, 12)
+        self.b = nn.Linear(12, 3, bias=False)
+        self.c = nn.Linear(3, 1, bias=False)
+        self.w6 = nn.Parameter(torch.randn(6, DIM) / DIM**0.5)
+        self.experts = nn.Parameter(torch.randn(2, 4, DIM) / DIM**0.5)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, x: torch.Tensor, use_w6: bool = True) -> torch.Tensor:
+        h = self.emb(x)
+        h = h + 0.5 * self.c(torch.tanh(self.b(torch.tanh(self.a(h)))))
+        if use_w6:
+            h = h + torch.tanh(h @ self.w6.T) @ self.w6
+        h = h + torch.tanh(h @ self.experts[0].T) @ self.experts[1]
+        return self.head(h)
+
+
+def make_model() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    named = dict(model.named_parameters())
+    muon = ["a.weight", "b.weight", "c.weight", "w6", "experts"]
+    views = {"w6": "heads:2", "experts": "experts"}
+    return [
+        {"params": [(n, named[n]) for n in muon], "algorithm": "muon",
+         "views": [views.get(n, "matrix") for n in muon]},
+        {"params": [(n, p) for n, p in named.items() if n not in muon], "algorithm": "adamw"},
+    ]
+
+
+def make_optimizer(model: nn.Module, **kw) -> Muon:
+    return Muon(param_groups(model), lr=0.05, adamw_lr=1e-2, weight_decay=0.01, **kw)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    y = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    return x, y
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, use_w6: bool = True) -> torch.Tensor:
+    return F.cross_entropy(model(x, use_w6).reshape(-1, VOCAB), y.reshape(-1))
+
+
+def reference(steps: int = STEPS, nograd: bool = False, start: int = 0, model=None, opt=None, **kw) -> dict:
+    """The single-process run on the full global batches."""
+    model = model or make_model()
+    opt = opt or make_optimizer(model, process_group=False, **kw)
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        loss_fn(model, x, y, use_w6=not nograd).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def full_params(model: nn.Module) -> dict:
+    out = {}
+    for n, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[n.replace("module.", "")] = t.detach().clone()
+    return out
+
+
+def my_slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    k = t.shape[0] // world
+    return t[rank * k:(rank + 1) * k]
+
+
+def train_steps(model, opt, rank, world, start, steps, *, allreduce=False, nograd=False):
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        x, y = my_slice(x, rank, world), my_slice(y, rank, world)
+        skip_w6 = nograd and rank == world - 1
+        loss_fn(model, x, y, use_w6=not skip_w6).backward()
+        if allreduce:
+            for n, p in model.named_parameters():
+                if nograd and n == "w6":
+                    continue  # some rank has no gradient: the user cannot all-reduce it
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+        opt.zero_grad()
+
+
+def fsdp_model(world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def main() -> None:
+    scenarios, rank, world, port, outdir = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    ckpt_dir = sys.argv[6] if len(sys.argv) > 6 else None
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for sc in scenarios:
+            res = run_scenario(sc, rank, world, ckpt_dir)
+            torch.save(res, os.path.join(outdir, f"{sc}_rank{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_scenario(sc: str, rank: int, world: int, ckpt_dir) -> dict:
+    if sc == "replicated":
+        model = make_model()
+        opt = make_optimizer(model)
+        train_steps(model, opt, rank, world, 0, STEPS, allreduce=True)
+        return full_params(model)
+    if sc == "fsdp_clip":  # the momentum clipping norm of a sharded buffer is the global norm
+        model = fsdp_model(world)
+        opt = make_optimizer(model, **CLIP)
+        train_steps(model, opt, rank, world, 0, STEPS)
+        return full_params(model)
+    if sc == "nograd":
+        model = make_model()
+        opt = make_optimizer(model)
+        train_steps(model, opt, rank, world, 0, STEPS, allreduce=True, nograd=True)
+        return full_params(model)
+    if sc == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(make_model())
+        opt = make_optimizer(model.module)
+        train_steps(model, opt, rank, world, 0, STEPS)
+        return full_params(model)
+    if sc == "fsdp":
+        model = fsdp_model(world)
+        opt = make_optimizer(model)
+        train_steps(model, opt, rank, world, 0, STEPS)
+        # the momentum stays sharded like its parameter
+        st = opt.state[dict(model.named_parameters())["b.weight"]]
+        assert type(st["momentum_buffer"]).__name__ == "DTensor", type(st["momentum_buffer"])
+        return full_params(model)
+    if sc in ("ckpt_save", "ckpt_load"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model = fsdp_model(world)
+        opt = make_optimizer(model)
+        if sc == "ckpt_save":  # train STEPS steps, save, train STEPS more
+            train_steps(model, opt, rank, world, 0, STEPS)
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+        else:  # load the checkpoint (saved at any world size), train the last STEPS steps
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=ckpt_dir)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train_steps(model, opt, rank, world, STEPS, STEPS)
+        return full_params(model)
+    if sc == "nonfinite":  # a NaN gradient on the last rank only: every rank skips the step (no hang)
+        model = make_model()
+        opt = make_optimizer(model, nonfinite="skip")
+        train_steps(model, opt, rank, world, 0, 2, allreduce=True)
+        before = full_params(model)
+        x, y = batch(2)
+        loss_fn(model, my_slice(x, rank, world), my_slice(y, rank, world)).backward()
+        if rank == world - 1:
+            model.a.weight.grad[0, 0] = float("nan")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        opt.zero_grad()
+        after = full_params(model)
+        assert opt.skipped_steps == 1, opt.skipped_steps
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        return after
+    raise ValueError(sc)
+
+
+if __name__ == "__main__":
+    main()

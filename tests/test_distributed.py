@@ -1,0 +1,271 @@
+"""Distributed Muon (issue 6): real gloo processes on CPU, compared with the single-process run.
+
+Each world size is launched once (tests/dist_worker.py runs every scenario in one process group)
+and the per-scenario tests read the saved parameters. Ranks take equal slices of the same global
+batches, so every scenario must reproduce the single-process ``Muon`` run on the full batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from muonlab.distributed import assign_owners, matrix_cost
+
+HERE = Path(__file__).parent
+WORKER = HERE / "dist_worker.py"
+SCENARIOS = ("replicated", "ddp", "fsdp", "fsdp_clip", "nograd", "nonfinite")
+TOL = 1e-5
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("dist_worker", WORKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+W = _load_worker()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenarios, world: int, out: Path, ckpt: Path | None = None, timeout: float = 180) -> dict:
+    """Run the worker on ``world`` ranks; returns {scenario: [params of rank 0, rank 1, ...]}.
+
+    A hang (a rank waiting in a collective the others never call) fails the test at ``timeout``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = [",".join(scenarios), None, str(world), str(port), str(out)] + ([str(ckpt)] if ckpt else [])
+    procs = []
+    for rank in range(world):
+        args[1] = str(rank)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed run {scenarios} at world size {world} did not finish in {timeout}s (hang?)")
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    return {sc: [torch.load(out / f"{sc}_rank{r}.pt") for r in range(world)] for sc in scenarios}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.set_num_threads(1)
+    return W.reference()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache: dict[int, dict] = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            cache[world] = launch(SCENARIOS, world, tmp_path_factory.mktemp(f"dist{world}"))
+        return cache[world]
+
+    return get
+
+
+# ---------------------------------------------------------------------- ownership (no processes)
+def test_assign_owners_is_deterministic_and_balanced():
+    costs = [matrix_cost(a, b) for a, b in [(768, 768)] * 6 + [(768, 3072)] * 4 + [(3, 12), (1, 3)]]
+    owners = assign_owners(costs, 2)
+    assert owners == assign_owners(costs, 2)
+    load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert max(load) / min(load) < 1.2
+    assert assign_owners([5.0, 1.0, 1.0, 3.0], 2) == [0, 1, 1, 1]
+    assert assign_owners([1.0, 2.0], 3) == [1, 0]
+    assert set(assign_owners(costs, 1)) == {0}
+
+
+def test_single_process_default_unchanged(reference):
+    """Without a process group, Muon does not touch torch.distributed and matches process_group=False."""
+    assert not dist.is_initialized()
+    torch.set_num_threads(1)
+    model = W.make_model()
+    opt = W.make_optimizer(model)
+    got = W.reference(model=model, opt=opt)
+    assert max_diff(got, reference) == 0.0
+
+
+# ---------------------------------------------------------------------- parity with one process
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("scenario", ["replicated", "ddp", "fsdp"])
+def test_matches_single_process(runs, reference, world, scenario):
+    """(a) replicated params + manual all-reduce, (b) DDP, (c) FSDP2 fully_shard (uneven (3, 12)
+    and (1, 3) shards, a heads view and an expert stack): same parameters as one process."""
+    results = runs(world)[scenario]
+    init = dict(W.make_model().named_parameters())
+    assert max_diff(reference, {n: p.detach() for n, p in init.items()}) > 1e-3  # training moved them
+    for rank, got in enumerate(results):
+        assert max_diff(got, reference) < TOL, (scenario, world, rank)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fsdp_momentum_clipping_uses_the_global_norm(runs, world):
+    """clip_momentum_norm on a sharded momentum buffer clips by the norm of the whole buffer."""
+    ref = W.reference(**W.CLIP)
+    assert max_diff(ref, W.reference()) > 1e-3  # the clipping is active
+    for got in runs(world)["fsdp_clip"]:
+        assert max_diff(got, ref) < TOL
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_missing_gradient_on_one_rank_does_not_hang(runs, world):
+    """The last rank never uses ``w6``: the step agrees to skip it on every rank (no hang), and all
+    ranks stay identical."""
+    results = runs(world)["nograd"]
+    init = W.make_model().w6.detach()
+    for got in results:
+        assert max_diff(got, results[0]) == 0.0
+        assert torch.equal(got["w6"], init)
+        assert (got["a.weight"] - W.make_model().a.weight).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nonfinite_gradient_on_one_rank_skips_everywhere(runs, world):
+    """A NaN gradient on the last rank only: with nonfinite="skip" every rank skips the step
+    (the worker asserts skipped_steps == 1 and unchanged parameters); no rank hangs."""
+    results = runs(world)["nonfinite"]
+    for got in results:
+        assert max_diff(got, results[0]) == 0.0
+
+
+@pytest.mark.slow
+def test_world_size_3_matches_single_process(tmp_path, reference):
+    res = launch(("replicated", "ddp", "fsdp"), 3, tmp_path)
+    for sc, results in res.items():
+        for got in results:
+            assert max_diff(got, reference) < TOL, sc
+
+
+# ---------------------------------------------------------------------- checkpoints (DCP)
+def test_optimizer_state_dict_by_fqn_single_process():
+    """torch.distributed.checkpoint.state_dict helpers work with Muon (state keyed by FQN)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    torch.set_num_threads(1)
+    model = W.make_model()
+    opt = W.make_optimizer(model)
+    W.reference(steps=2, model=model, opt=opt)
+    osd = get_optimizer_state_dict(model, opt)
+    assert "a.weight" in osd["state"] and "momentum_buffer" in osd["state"]["a.weight"]
+    assert "exp_avg" in osd["state"]["head.weight"]
+    model2 = W.make_model()
+    model2.load_state_dict(model.state_dict())
+    opt2 = W.make_optimizer(model2)
+    set_optimizer_state_dict(model2, opt2, copy.deepcopy(osd))  # a checkpoint shares no tensors
+    a = W.reference(steps=2, start=2, model=model, opt=opt)
+    b = W.reference(steps=2, start=2, model=model2, opt=opt2)
+    assert max_diff(a, b) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save_world,load_world", [(2, 1), (1, 2)])
+def test_dcp_checkpoint_resume_across_world_sizes(tmp_path, save_world, load_world):
+    """FSDP2 + DCP: save model and optimizer at one world size, load at another, and continue
+    exactly like a run that never stopped (and like one process)."""
+    ckpt = tmp_path / "ckpt"
+    saved = launch(("ckpt_save",), save_world, tmp_path / "save", ckpt)["ckpt_save"]
+    loaded = launch(("ckpt_load",), load_world, tmp_path / "load", ckpt)["ckpt_load"]
+    ref = W.reference(steps=2 * W.STEPS)
+    for got in saved + loaded:
+        assert max_diff(got, ref) < TOL
+    assert max_diff(loaded[0], saved[0]) < TOL
+
+
+# ---------------------------------------------------------------------- the lab: torchrun --parallel
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_lab_torchrun_two_ranks_matches_one_process(tmp_path, mode):
+    """`torchrun --nproc_per_node=2 -m muonlab train --parallel MODE` ends with the loss of a
+    single-process run on the same global batches; only rank 0 writes the run folder."""
+    import json
+
+    from muonlab.lab.train import TrainConfig, train
+
+    args = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--max-corpus-bytes", "200000",
+            "--eval-batches", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "muonlab", "train", "--parallel", mode, *args, "--out", str(tmp_path / mode)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads((tmp_path / mode / "result.json").read_text())
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, max_corpus_bytes=200000, eval_batches=2,
+                      eval_every=max(1, 6 // 10), checkpoint_every=max(1, 6 // 4))  # the CLI's values
+    assert got["config_key"] == cfg.key()
+    torch.set_num_threads(1)
+    ref = train(cfg, tmp_path / "none", progress=False)
+    assert abs(got["final_val_loss"] - ref["final_val_loss"]) < 1e-4
+    rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert losses == pytest.approx([r["loss"] for r in ref_rows if r["kind"] == "train"], abs=1e-4)
+    assert len(losses) == 6  # one writer: rank 0's rows only
+
+
+_LAB_SCRIPT = """
+import json, sys
+import torch
+from muonlab.lab.train import TrainConfig, train
+torch.set_num_threads(1)
+mode, out, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, max_corpus_bytes=200000, eval_batches=2, eval_every=3,
+                  checkpoint_every=3)
+res = train(cfg, out, progress=False, parallel=mode, stop_after=int(stop) if stop != "none" else None)
+print("RESULT", json.dumps(res))
+"""
+
+
+@pytest.mark.slow
+def test_lab_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
+    """An FSDP run interrupted after 3 of 6 steps at 2 ranks resumes at 1 rank and ends like an
+    uninterrupted single-process run (the lab's parallel checkpoints are full, name-keyed)."""
+    import json
+
+    script = tmp_path / "run.py"
+    script.write_text(_LAB_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def run(nproc: int, mode: str, out: Path, stop: str) -> dict:
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+               if nproc else [sys.executable]) + [str(script), mode, str(out), stop]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT")][0][7:])
+
+    assert run(2, "fsdp", tmp_path / "p", "3") == {"finished": False, "step": 3}
+    resumed = run(1, "fsdp", tmp_path / "p", "none")
+    plain = run(0, "none", tmp_path / "q", "none")
+    assert resumed["finished"] and resumed["config_key"] == plain["config_key"]
+    assert abs(resumed["final_val_loss"] - plain["final_val_loss"]) < 1e-4

@@ -48,13 +48,14 @@ import statistics
 import sys
 import time
 from collections import Counter
-from typing import Iterator
 
 import torch
 import torch.optim._muon as torch_muon
 
 import muonlab
 from muonlab import Muon
+from muonlab.reference import patched_torch_muon_fp32 as torch_ns_fp32  # context manager
+from muonlab.reference import torch_ns_fp32 as ns_fp32  # torch's NS with an fp32 cast
 
 KELLER = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
@@ -92,31 +93,6 @@ def make_params(spec: list[tuple[str, tuple[int, ...], str]], seed: int = 0) -> 
     return params
 
 
-# ---------------------------------------------------------------------- torch's NS, patched to fp32
-def ns_fp32(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim._muon._zeropower_via_newtonschulz with the bf16 cast replaced by a copying fp32 cast."""
-    a, b, c = ns_coefficients
-    ortho_grad = grad.to(torch.float32, copy=True)
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
-    for _ in range(ns_steps):
-        gram_matrix = ortho_grad @ ortho_grad.T
-        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
-        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    return ortho_grad
-
-
-@contextlib.contextmanager
-def torch_ns_fp32() -> Iterator[None]:
-    original = torch_muon._zeropower_via_newtonschulz
-    torch_muon._zeropower_via_newtonschulz = ns_fp32
-    try:
-        yield
-    finally:
-        torch_muon._zeropower_via_newtonschulz = original
 
 
 # ---------------------------------------------------------------------- variants

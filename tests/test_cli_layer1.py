@@ -19,13 +19,6 @@ from muonlab.cli import main
 from muonlab.lab.analysis.convergence import make_test_matrix, ns_convergence, parse_shape
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def convergence_run(tmp_path_factory: pytest.TempPathFactory) -> dict:

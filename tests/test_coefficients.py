@@ -11,13 +11,6 @@ from muonlab import PRESETS, FitResult, fit_coefficients, resolve_schedule, scal
 from muonlab.coefficients import CUBIC, KELLER, POLAR_EXPRESS, TAYLOR, YOU, _POLAR_EXPRESS_RAW
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --------------------------------------------------------------------------------------------
 # the published constants

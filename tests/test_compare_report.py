@@ -13,7 +13,6 @@ import pytest
 from muonlab.cli import main
 from muonlab.lab.compare import compare, crossing
 from muonlab.lab.data import load_corpus
-from muonlab.lab.report import write_report
 from muonlab.lab.train import TrainConfig
 
 MICRO = dict(d_model=32, n_layer=1, n_head=2, n_kv_head=1, seq_len=32)

@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from muonlab.lab.data import load_corpus
 from muonlab.lab.train import TrainConfig, lr_factor, read_metrics, train

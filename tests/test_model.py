@@ -19,16 +19,6 @@ from muonlab.lab.model import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads that wait on each other
-    make these tiny ops 10-50x slower whenever another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**overrides) -> GPTConfig:
     """A config even smaller than "tiny", for the structural tests."""
     base = dict(n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=32)

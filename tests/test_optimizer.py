@@ -17,38 +17,14 @@ from torch import nn
 
 import muonlab
 from muonlab import Muon, NonFiniteGradientError, adjust_lr_scale, muon_param_groups
+from muonlab.reference import torch_ns_fp32
 
 KELLER = (3.4445, -4.7750, 2.0315)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------- helpers
-def _ns_fp32(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim._muon._zeropower_via_newtonschulz with only the cast changed: bf16 -> fp32.
-
-    The cast must copy (``.bfloat16()`` copies an fp32 tensor, ``.float()`` would not, and the
-    in-place ``div_`` below would then corrupt the momentum buffer).
-    """
-    a, b, c = ns_coefficients
-    ortho_grad = grad.to(torch.float32, copy=True)
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
-    for _ in range(ns_steps):
-        gram_matrix = ortho_grad @ ortho_grad.T
-        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
-        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    return ortho_grad
+_ns_fp32 = torch_ns_fp32  # torch's NS with the bf16 cast made fp32 (muonlab.reference)
 
 
 def _msign(G: torch.Tensor) -> torch.Tensor:

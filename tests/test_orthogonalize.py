@@ -19,15 +19,6 @@ from muonlab import METHODS, PRESETS, normalize_frobenius, orthogonalize, resolv
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the matrices here are tiny: one intra-op thread is faster, and far faster when other
-    # processes share the CPU (OpenMP threads then spin against each other)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)

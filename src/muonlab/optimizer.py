@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
 import torch

@@ -324,7 +324,7 @@ def efficiency(
     step_ratio = step_ms[optimizer] / step_ms[baseline]
     result = {
         "optimizer": optimizer, "baseline": baseline, "model": base.model, "baseline_steps": base.steps,
-        "baseline": ref, "points": points, "token_ratio": token_ratio, "time_ratio": time_ratio,
+        "baseline_result": ref, "points": points, "token_ratio": token_ratio, "time_ratio": time_ratio,
         "token_speedup": (1 / token_ratio) if token_ratio else None,
         # wall-clock ratio of the separate runs (only meaningful on a quiet machine)
         "time_speedup_wallclock": (1 / time_ratio) if time_ratio else None,
@@ -392,7 +392,7 @@ def _plot_efficiency(result: dict[str, Any], path: Path) -> None:
     pts = result["points"]
     ax.plot([p["tokens"] for p in pts], [p["final_val_loss"] for p in pts], "o-", color="#d62728",
             label=f"{result['optimizer']} (fully decayed run per budget)")
-    ref = result["baseline"]
+    ref = result["baseline_result"]
     ax.axhline(ref["final_val_loss"], color="#1f77b4", ls="--", label=f"{result['baseline']} final loss at {ref['tokens']:,} tokens")
     ax.axvline(ref["tokens"], color="#1f77b4", ls=":", lw=0.8)
     ax.set_xlabel("training tokens (budget)")

@@ -139,7 +139,8 @@ def write_report(out_dir: str | Path) -> Path:
         rows.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in [
                 html.escape(s["optimizer"]), _fmt(s["best_lr"]), _fmt(s["final_val_loss"]) + spread, _fmt(s["tokens"]),
-                _fmt(s["tokens_to_baseline"]), _fmt(s["speedup_tokens"], "x"), _fmt(s["wall_time_s"]),
+                _fmt(None if s["tokens_to_baseline"] is None else round(s["tokens_to_baseline"])),
+                _fmt(s["speedup_tokens"], "x"), _fmt(s["wall_time_s"]),
                 _fmt(s["time_to_baseline_s"]), _fmt(s["speedup_time"], "x"), _fmt(s.get("step_ms_interleaved", s["step_ms"])),
                 _fmt(s["optimizer_state_bytes"], "bytes"),
             ]) + "</tr>"

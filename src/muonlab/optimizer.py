@@ -435,7 +435,7 @@ class Muon(Optimizer):
         self._dist_pg = pg
         if not self._grads_ok(pg):
             return loss
-        stats: dict[str, dict[str, float]] = {} if self.track_stats else {}
+        stats: dict[str, dict[str, float]] = {}
         pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]] = []  # (group, name, p, direction, view)
         for group in self.param_groups:
             alg = group["algorithm"]
@@ -469,24 +469,20 @@ class Muon(Optimizer):
                     raise RuntimeError(f"parameter {name}: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
                 grads.append(_dist.local(p.grad))
                 names.append(name)
-        if pg is not None:  # distributed (issue 6): agree on finiteness and Muon participation
-            bad = []
-            if self.nonfinite != "propagate" and grads:
-                flags = torch.stack([torch.isfinite(g).all() for g in grads])
+        bad: list[str] = []
+        if self.nonfinite != "propagate" and grads:
+            flags = torch.stack([torch.isfinite(g).all() for g in grads])  # one sync for all gradients
+            if not bool(flags.all()):
                 bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
+        if pg is not None:  # distributed (issue 6): agree on finiteness and Muon participation
             muon_params = [p for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]]
             agreed = _dist.agree([not bad] + [p.grad is not None for p in muon_params], pg)
             self._dist_allowed = {id(p) for p, ok in zip(muon_params, agreed[1:]) if ok}
             if agreed[0]:
                 return True
             bad = bad or ["(a gradient on another rank)"]
-        else:
-            if self.nonfinite == "propagate" or not grads:
-                return True
-            flags = torch.stack([torch.isfinite(g).all() for g in grads])
-            if bool(flags.all()):
-                return True
-            bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
+        elif not bad:
+            return True
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             warnings.warn(f"Muon skipped a step: non-finite gradients in {', '.join(bad[:5])}", RuntimeWarning, stacklevel=3)

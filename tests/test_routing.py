@@ -11,14 +11,6 @@ from torch import nn
 from muonlab import Muon, RoutingReport, muon_param_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _assignment(groups) -> dict[str, str]:
     return {n: g["algorithm"] for g in groups for n in g["param_names"]}

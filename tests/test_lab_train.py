@@ -142,3 +142,15 @@ def test_divergence_is_reported_not_silent(tmp_path, corpus):
     cfg = micro_config(optimizer="sgd", lr=1e6, steps=6, eval_every=3)
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+
+
+@pytest.mark.parametrize("optimizer", ["torch-muon", "normuon", "muon-split", "lion"])
+def test_zoo_entries_train_through_the_trainer(tmp_path, corpus, optimizer):
+    """Chained (torch.optim.Muon + AdamW), variant and third-party entries all run under the
+    scheduler, checkpoint and resume machinery."""
+    cfg = micro_config(optimizer=optimizer, steps=6, eval_every=3, checkpoint_every=3)
+    train(cfg, tmp_path / "part", progress=False, corpus=corpus, stop_after=3)
+    res = train(cfg, tmp_path / "part", progress=False, corpus=corpus)
+    full = train(cfg, tmp_path / "full", progress=False, corpus=corpus)
+    assert res["final_val_loss"] == full["final_val_loss"] < evals(tmp_path / "full")[0][1]
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")

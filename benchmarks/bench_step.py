@@ -15,7 +15,10 @@ Parameter sets (``--sizes``):
 Hidden matrices go to Muon and everything else (embeddings, head, norms) to AdamW, in every
 variant:
 
-* ``muonlab.Muon`` (batched): same-shape matrices stacked into one orthogonalization, fp32 on CPU;
+* ``muonlab.Muon`` (batched, defaults): same-shape matrices stacked into one orthogonalization,
+  fp32 on CPU, ``ns_method="auto"`` (the Gram form of the same polynomial where it needs fewer
+  FLOPs, e.g. the 3072x768 MLP matrices);
+* ``muonlab.Muon ns_method="newton_schulz"``: the same, plain Newton-Schulz on every matrix;
 * ``muonlab.Muon batched=False``: the per-matrix reference loop;
 * ``torch.optim.Muon + AdamW (bf16 NS)``: torch's Muon as shipped, which always iterates in
   bf16 (very slow matmuls on CPUs without bf16 units). When a measured step would take longer than
@@ -104,9 +107,10 @@ def state_bytes(*opts: torch.optim.Optimizer) -> int:
 def build(variant: str, params: dict[str, tuple[torch.nn.Parameter, str]]) -> list[torch.optim.Optimizer]:
     muon = [(n, p) for n, (p, a) in params.items() if a == "muon"]
     rest = [(n, p) for n, (p, a) in params.items() if a == "adamw"]
-    if variant in ("muonlab", "muonlab_loop"):
+    if variant in ("muonlab", "muonlab_ns", "muonlab_loop"):
         groups = [{"params": muon, "algorithm": "muon"}, {"params": rest, "algorithm": "adamw"}]
-        return [Muon(groups, lr=0.02, momentum=0.95, adamw_lr=3e-4, batched=variant == "muonlab")]
+        return [Muon(groups, lr=0.02, momentum=0.95, adamw_lr=3e-4, batched=variant != "muonlab_loop",
+                     ns_method="newton_schulz" if variant == "muonlab_ns" else "auto")]
     if variant in ("torch_bf16", "torch_fp32"):
         return [torch.optim.Muon([p for _, p in muon], lr=0.02, momentum=0.95, weight_decay=0.0),
                 torch.optim.AdamW([p for _, p in rest], lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)]
@@ -116,7 +120,8 @@ def build(variant: str, params: dict[str, tuple[torch.nn.Parameter, str]]) -> li
 
 
 LABELS = {
-    "muonlab": "muonlab.Muon (batched, fp32 NS)",
+    "muonlab": "muonlab.Muon (defaults: batched, fp32, auto)",
+    "muonlab_ns": "muonlab.Muon ns_method='newton_schulz'",
     "muonlab_loop": "muonlab.Muon batched=False",
     "torch_bf16": "torch.optim.Muon + AdamW (bf16 NS, as shipped)",
     "torch_fp32": "torch.optim.Muon + AdamW (NS patched to fp32)",
@@ -153,7 +158,7 @@ def run_interleaved(variants: list[str], params, warmup: int, repeats: int) -> d
         results[v] = {"wall": 1e3 * statistics.median(wall) if wall else math.nan,
                       "cpu": 1e3 * statistics.median(cpu) if cpu else math.nan,
                       "n": len(wall), "bytes": state_bytes(*opts[v]), "estimated": False}
-    del opts
+    opts.clear()
     gc.collect()
     return results
 
@@ -192,17 +197,18 @@ def ortho_errors(shape: tuple[int, int] = (1024, 256), seed: int = 1) -> list[li
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     ref = U @ Vh
 
-    def via_muonlab(batched: bool) -> torch.Tensor:
+    def via_muonlab(batched: bool, method: str = "auto") -> torch.Tensor:
         # one real optimizer step: momentum 0, lr 1, no shape factor -> the update is -O
         p = torch.nn.Parameter(torch.zeros(shape))
         p.grad = G.clone()
         opt = Muon([{"params": [("g", p)], "algorithm": "muon"}], lr=1.0, momentum=0.0, nesterov=False,
-                   adjust_lr_fn="none", batched=batched)
+                   adjust_lr_fn="none", batched=batched, ns_method=method)
         opt.step()
         return -p.detach()
 
     outs = {
         "muonlab": via_muonlab(True),
+        "muonlab_ns": via_muonlab(True, "newton_schulz"),
         "muonlab_loop": via_muonlab(False),
         "torch_bf16": torch_muon._zeropower_via_newtonschulz(G, KELLER, NS_STEPS, 1e-7).float(),
         "torch_fp32": ns_fp32(G, KELLER, NS_STEPS, 1e-7),
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         n_muon = sum(1 for *_, a in spec if a == "muon")
         numel = {a: sum(math.prod(s) for _, s, b in spec if b == a) for a in ("muon", "adamw")}
         warmup, repeats = (args.warmup, args.repeats) if size == "small" else (0, args.gpt2_repeats)
-        variants = ["adamw", "muonlab", "muonlab_loop", "torch_fp32"]
+        variants = ["adamw", "muonlab", "muonlab_ns", "muonlab_loop", "torch_fp32"]
         print(f"[{size}] timing {', '.join(LABELS[v] for v in variants)} ({warmup} warm-up, {repeats} rounds) ...", flush=True)
         results = run_interleaved(variants, params, warmup, repeats)
         est, detail = estimate_bf16(params, results["torch_fp32"])
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         key = metric
         base, ours, adam_bytes = results["adamw"][key], results["muonlab"][key], results["adamw"]["bytes"]
         rows = []
-        for variant in ("muonlab", "muonlab_loop", "torch_fp32", "torch_bf16", "adamw"):
+        for variant in ("muonlab", "muonlab_ns", "muonlab_loop", "torch_fp32", "torch_bf16", "adamw"):
             r = results[variant]
             mark = " (est.)" if r["estimated"] else ""
             rows.append([LABELS[variant], f"{r['cpu']:.1f}{mark}", f"{r['wall']:.1f}{mark}",
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             f"round-robin; ratios use {'CPU' if key == 'cpu' else 'wall'} time. torch's bf16 Muon is run on its own "
             f"when its estimated step is under {args.bf16_max_s:g} s, else estimated (est.).",
             "",
-            md_table(["variant", "CPU ms/step", "wall ms/step", "steps timed", "vs AdamW", "vs muonlab batched",
+            md_table(["variant", "CPU ms/step", "wall ms/step", "steps timed", "vs AdamW", "vs muonlab default",
                       "state MiB", "state / AdamW"], rows),
             "",
             "bf16 estimate inputs (CPU time of one NS iteration of torch's function, per shape): "

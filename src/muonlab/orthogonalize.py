@@ -14,6 +14,9 @@ For G = U Σ Vᵀ, msign(G) = U Vᵀ = G (GᵀG)^(-1/2) = (G Gᵀ)^(-1/2) G (see
 * ``"gram"``: the same polynomial iteration carried out on the small m x m Gram matrix;
   the accumulated polynomial is applied to G once at the end (fewer FLOPs when m << n).
 * ``"inverse_sqrt"``: the coupled Newton-Schulz iteration for (GGᵀ + eps I)^(-1/2) of seed 002.
+* ``"auto"``: ``"gram"`` where it needs at most 3/4 of ``"newton_schulz"``'s FLOPs (roughly n >= 3m),
+  the short side is at least 128 and the iteration runs in fp32/fp64; ``"newton_schulz"`` otherwise
+  (see :func:`choose_method`). Both run the same polynomial, so the choice changes only rounding.
 
 Inputs of shape (..., m, n) are batches of matrices. Tall matrices are transposed so that the
 work is always done on the short side.
@@ -28,8 +31,8 @@ import torch
 
 from .coefficients import CoefficientSpec, Triple, resolve_schedule
 
-METHODS = ("newton_schulz", "gram", "inverse_sqrt", "svd", "svd_inv_sqrt")
-Method = Literal["newton_schulz", "gram", "inverse_sqrt", "svd", "svd_inv_sqrt"]
+METHODS = ("newton_schulz", "gram", "inverse_sqrt", "svd", "svd_inv_sqrt", "auto")
+Method = Literal["newton_schulz", "gram", "inverse_sqrt", "svd", "svd_inv_sqrt", "auto"]
 NonFinitePolicy = Literal["raise", "propagate"]
 
 _DTYPE_NAMES = {
@@ -110,6 +113,46 @@ def _as_batch(X: torch.Tensor) -> torch.Tensor:
     return X.reshape(-1, X.shape[-2], X.shape[-1])
 
 
+# "auto" picks "gram" only where it saves at least a quarter of the FLOPs and the matrices are
+# large enough for FLOPs to dominate: measured on a 2-core CPU (fp32, Keller x5), gram/NS time was
+# 0.62-0.67 at 768x3072 and 768x2304, 0.72 at 128x512, 0.92 at 512x1024, 1.00 at 384x768, but 1.34 at
+# 96x256 (more, smaller kernels) and 1.91 on 16 stacked 96x96.
+_GRAM_MAX_COST_RATIO = 0.75
+_GRAM_MIN_SIDE = 128
+
+
+def flops(method: str, m: int, n: int, steps: int) -> float:
+    """Multiply-add FLOPs of one m x n (m <= n) orthogonalization by a polynomial method.
+
+    ``"newton_schulz"``: per step X Xᵀ (2m²n), A² (2m³) and B X (2m²n).
+    ``"gram"``: X₀X₀ᵀ and the final P X₀ (4m²n) plus, per step, A², Q P and Q A Q (8m³, the
+    first Q P is free).
+    """
+    m, n = min(m, n), max(m, n)
+    if method == "gram":
+        return 4.0 * m * m * n + (8.0 * steps - 2.0) * m**3
+    return steps * (4.0 * m * m * n + 2.0 * m**3)
+
+
+def choose_method(m: int, n: int, steps: int, dtype: torch.dtype) -> str:
+    """The method ``"auto"`` runs for an m x n matrix: ``"gram"`` or ``"newton_schulz"``.
+
+    Gram iteration accumulates its polynomial in a product of m x m factors, which in bf16/fp16
+    loses the small singular directions, so it is chosen only for fp32/fp64 iteration.
+
+    Example:
+        >>> import torch
+        >>> from muonlab.orthogonalize import choose_method
+        >>> choose_method(768, 3072, 5, torch.float32), choose_method(768, 768, 5, torch.float32)
+        ('gram', 'newton_schulz')
+    """
+    short = min(m, n)
+    if dtype not in (torch.float32, torch.float64) or short < _GRAM_MIN_SIDE:
+        return "newton_schulz"
+    ratio = flops("gram", m, n, steps) / flops("newton_schulz", m, n, steps)
+    return "gram" if ratio <= _GRAM_MAX_COST_RATIO else "newton_schulz"
+
+
 def newton_schulz(X: torch.Tensor, schedule: Sequence[Triple]) -> torch.Tensor:
     """Run the odd-polynomial iteration on a batch X of shape (B, m, n), m <= n, σ_max <= 1.
 
@@ -130,14 +173,17 @@ def newton_schulz_gram(X: torch.Tensor, schedule: Sequence[Triple]) -> torch.Ten
     """The same polynomial iteration as :func:`newton_schulz`, carried out on Gram matrices.
 
     With X_k = P_k X_0 and A_k = X_k X_kᵀ, one step is Q = aI + b A + c A²; P <- Q P;
-    A <- Q A Q (Q is a polynomial in A, so it commutes with A and is symmetric). Only m x m
+    A <- P A_0 Pᵀ (Q is a polynomial in A, so it commutes with A and is symmetric). Only m x m
     products inside the loop; X_0 is touched twice (A_0 = X_0 X_0ᵀ and the final P X_0).
+    Rebuilding A from the accumulated P and A_0 (rather than A <- Q A Q) keeps A consistent with
+    P, which halves the fp32 rounding drift on ill-conditioned inputs at the same cost.
     Cost in flops: 4 m² n + (8k − 2) m³ instead of k (4 m² n + 2 m³): a win when n is several
-    times m (measured 0.76x the time of ``newton_schulz`` on 768x3072, 1.45x on 1024x1024).
+    times m (measured 0.62-0.67x the time of ``newton_schulz`` on 768x3072 and 768x2304).
     """
     m = X.shape[-2]
     eye = torch.eye(m, dtype=X.dtype, device=X.device).expand(X.shape[0], m, m)
-    A = torch.bmm(X, X.mT)
+    A0 = torch.bmm(X, X.mT)
+    A = A0
     P: Optional[torch.Tensor] = None
     for a, b, c in schedule:
         if c != 0.0:
@@ -146,7 +192,7 @@ def newton_schulz_gram(X: torch.Tensor, schedule: Sequence[Triple]) -> torch.Ten
             Q = A * b
         Q = Q + a * eye
         P = Q if P is None else torch.bmm(Q, P)
-        A = torch.bmm(torch.bmm(Q, A), Q)
+        A = torch.bmm(torch.bmm(P, A0), P.mT)
         A = 0.5 * (A + A.mT)  # keep it symmetric against rounding drift
     assert P is not None
     return torch.bmm(P, X)
@@ -193,6 +239,44 @@ def _svd_inv_sqrt(X: torch.Tensor) -> torch.Tensor:
     return (evecs * inv_sqrt.unsqueeze(-2)) @ evecs.mT @ X
 
 
+def _polynomial(
+    X: torch.Tensor,
+    method: str,
+    schedule: tuple[Triple, ...],
+    steps: int,
+    eps: float,
+    norm_dtype: torch.dtype,
+    work_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Normalize a batch (B, m, n), m <= n, and run one polynomial method on it."""
+    X = normalize_frobenius(X.to(norm_dtype), eps=eps).to(work_dtype)
+    if method == "newton_schulz":
+        return newton_schulz(X, schedule)
+    if method == "gram":
+        return newton_schulz_gram(X, schedule)
+    return inverse_sqrt_coupled(X, steps, eps)
+
+
+_COMPILED: dict[str, object] = {}
+# One graph per (method, schedule, dtypes, batch of one or more): a model with several optimizer
+# groups can need more than torch's default of 8 per function, after which torch would quietly
+# fall back to eager; the limit is raised for these calls only.
+_RECOMPILE_LIMIT = 64
+
+
+def _run_compiled(X: torch.Tensor, *args: object) -> torch.Tensor:
+    """``_polynomial`` through ``torch.compile`` (created once, on first use).
+
+    Dynamic shapes: one graph serves every matrix shape of a model instead of one compilation per
+    shape. X is made contiguous so that transposed views (tall blocks) reuse the same graph.
+    """
+    fn = _COMPILED.get("polynomial")
+    if fn is None:
+        fn = _COMPILED["polynomial"] = torch.compile(_polynomial, dynamic=True)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        return fn(X.contiguous(), *args)  # type: ignore[operator]
+
+
 @torch.no_grad()
 def orthogonalize(
     G: torch.Tensor,
@@ -203,13 +287,16 @@ def orthogonalize(
     *,
     eps: float = 1e-7,
     nonfinite: NonFinitePolicy = "raise",
+    compile: bool = False,
 ) -> torch.Tensor:
     """Approximate msign(G) = U Vᵀ for one matrix or a batch of shape (..., m, n).
 
     Args:
         G: real tensor with at least two dimensions; leading dimensions are a batch.
         method: one of ``"newton_schulz"`` (default), ``"gram"``, ``"inverse_sqrt"``,
-            ``"svd"`` (exact) or ``"svd_inv_sqrt"`` (exact, the seed's G(GᵀG)^(-1/2) form).
+            ``"svd"`` (exact), ``"svd_inv_sqrt"`` (exact, the seed's G(GᵀG)^(-1/2) form) or
+            ``"auto"`` (``"gram"`` or ``"newton_schulz"`` by shape and dtype, see
+            :func:`choose_method`).
         coefficients: for the polynomial methods, a preset name (``"keller"``, ``"taylor"``,
             ``"cubic"``, ``"you"``, ``"polar_express"``), one ``(a, b, c)`` or a list of them.
         steps: number of iterations (ignored by the SVD methods).
@@ -218,6 +305,10 @@ def orthogonalize(
         eps: added to the Frobenius norm before dividing (``"inverse_sqrt"``: ridge on the Gram).
         nonfinite: ``"raise"`` (default) raises ValueError on NaN/inf input; ``"propagate"``
             skips the check (the result is then NaN where the input was not finite).
+        compile: run the polynomial methods (normalization and iteration) through
+            ``torch.compile`` (one graph with dynamic shapes, compiled on first use per method,
+            schedule and dtype). The numbers equal the eager ones up to rounding; the SVD methods
+            always run eagerly. The first call pays the compilation (~20 s on a 2-core CPU).
 
     Returns:
         A tensor of G's shape and dtype. A zero matrix maps to zero; empty matrices to empty.
@@ -236,10 +327,12 @@ def orthogonalize(
         raise ValueError(f"unknown orthogonalization method {method!r}; valid methods: {list(METHODS)}")
     if nonfinite not in ("raise", "propagate"):
         raise ValueError(f"nonfinite must be 'raise' or 'propagate', got {nonfinite!r}")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
     if not (eps >= 0.0):
         raise ValueError(f"eps must be >= 0, got {eps}")
     schedule: list[Triple] = []
-    if method in ("newton_schulz", "gram"):
+    if method in ("newton_schulz", "gram", "auto"):
         schedule = resolve_schedule(coefficients, steps)
     elif method == "inverse_sqrt" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -250,6 +343,8 @@ def orthogonalize(
         _check_finite(G, "G")
 
     m, n = G.shape[-2], G.shape[-1]
+    if method == "auto":
+        method = choose_method(m, n, len(schedule), work_dtype)  # type: ignore[assignment]
     transpose = m > n
     X = G.mT if transpose else G
     batch_shape = X.shape
@@ -269,13 +364,10 @@ def orthogonalize(
     else:
         # normalise in at least fp32 (the scale step must not overflow), then iterate in work_dtype
         norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-        X = normalize_frobenius(X.to(norm_dtype), eps=eps).to(work_dtype)
-        if method == "newton_schulz":
-            out = newton_schulz(X, schedule)
-        elif method == "gram":
-            out = newton_schulz_gram(X, schedule)
+        if compile:
+            out = _run_compiled(X, method, tuple(schedule), steps, eps, norm_dtype, work_dtype)
         else:
-            out = inverse_sqrt_coupled(X, steps, eps)
+            out = _polynomial(X, method, tuple(schedule), steps, eps, norm_dtype, work_dtype)
 
     out = out.reshape(batch_shape)
     if transpose:

@@ -268,7 +268,7 @@ def muon_vector_step_factor(options: Optional[dict[str, Any]] = None) -> float:
     from muonlab import resolve_schedule, scalar_map
 
     opts = options or {}
-    method = opts.get("ns_method", "newton_schulz")
+    method = opts.get("ns_method", "auto")
     if method in ("svd", "svd_inv_sqrt"):
         return 1.0
     if method == "inverse_sqrt":

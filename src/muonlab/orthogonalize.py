@@ -14,9 +14,10 @@ For G = U Σ Vᵀ, msign(G) = U Vᵀ = G (GᵀG)^(-1/2) = (G Gᵀ)^(-1/2) G (see
 * ``"gram"``: the same polynomial iteration carried out on the small m x m Gram matrix;
   the accumulated polynomial is applied to G once at the end (fewer FLOPs when m << n).
 * ``"inverse_sqrt"``: the coupled Newton-Schulz iteration for (GGᵀ + eps I)^(-1/2) of seed 002.
-* ``"auto"``: ``"gram"`` where it needs at most 3/4 of ``"newton_schulz"``'s FLOPs (roughly n >= 3m),
-  the short side is at least 128 and the iteration runs in fp32/fp64; ``"newton_schulz"`` otherwise
-  (see :func:`choose_method`). Both run the same polynomial, so the choice changes only rounding.
+* ``"auto"``: ``"gram"`` where it needs at most 3/4 of ``"newton_schulz"``'s FLOPs (n >= ~2.8m
+  for 5 steps), the short side is at least 128 and the iteration runs in fp32/fp64;
+  ``"newton_schulz"`` otherwise (see :func:`choose_method`). Both run the same polynomial, so the
+  choice changes only rounding.
 
 Inputs of shape (..., m, n) are batches of matrices. Tall matrices are transposed so that the
 work is always done on the short side.
@@ -125,7 +126,7 @@ def flops(method: str, m: int, n: int, steps: int) -> float:
     """Multiply-add FLOPs of one m x n (m <= n) orthogonalization by a polynomial method.
 
     ``"newton_schulz"``: per step X Xᵀ (2m²n), A² (2m³) and B X (2m²n).
-    ``"gram"``: X₀X₀ᵀ and the final P X₀ (4m²n) plus, per step, A², Q P and Q A Q (8m³, the
+    ``"gram"``: X₀X₀ᵀ and the final P X₀ (4m²n) plus, per step, A², Q P and P A₀ Pᵀ (8m³, the
     first Q P is free).
     """
     m, n = min(m, n), max(m, n)

@@ -111,3 +111,14 @@ def test_report_renders_in_headless_chromium(compare_dir, tmp_path):
     res = subprocess.run([browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", report.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and shot.stat().st_size > 20000  # a real rendered page, not a blank one
+
+
+def test_interleaved_step_timing_runs_the_training_step_every_optimizer_needs(compare_dir):
+    # Sophia estimates a Hessian from a second-order graph: the timing loop must run the same
+    # forward/backward as train() (it once called plain loss.backward() and crashed after all runs)
+    from muonlab.lab.compare import interleaved_step_ms
+
+    _, _, kwargs = compare_dir
+    ms = interleaved_step_ms(["sophia", "muon", "adamw"], kwargs["base"], steps=2, warmup=1)
+    assert set(ms) == {"sophia", "muon", "adamw"}
+    assert all(v > 0 for v in ms.values()), ms

@@ -358,25 +358,30 @@ def interleaved_step_ms(names: list[str], base: TrainConfig, steps: int = 20, wa
     import torch
 
     from .model import GPT, GPTConfig
+    from .train import forward_backward, resolve_device
     from .zoo import build_optimizer
 
     corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
     mcfg = GPTConfig.from_name(base.model, **base.model_overrides)
     seq_len = base.seq_len or mcfg.seq_len
+    device = resolve_device(base.device)
     setups = []
     for name in names:
         torch.manual_seed(base.seed)
-        model = GPT(mcfg)
-        setups.append((name, model, build_optimizer(name, model, size=base.model)))
+        model = GPT(mcfg).to(device)
+        opt = build_optimizer(name, model, size=base.model, **base.optimizer_options)
+        setups.append((name, model, opt, get_entry(name)))
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + steps):
         x, y = corpus.get_batch("train", base.batch_size, seq_len, seed=base.seed, step=i)
-        for name, model, opt in setups:
+        x, y = x.to(device), y.to(device)
+        for name, model, opt, entry in setups:
             t0 = time.perf_counter()
-            _, loss = model(x, y)
-            loss.backward()
+            forward_backward(model, x, y, entry, autocast=device.type == "cuda")  # the same step as train()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {n: 1e3 * statistics.median(v) for n, v in times.items()}

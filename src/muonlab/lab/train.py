@@ -322,9 +322,7 @@ def train(
             for micro in range(cfg.grad_accum):
                 x, y = corpus.get_batch("train", cfg.batch_size, seq_len, seed=cfg.seed, step=step * cfg.grad_accum + micro)
                 x, y = par.shard(x.to(device), y.to(device))  # parallel (issue 6): this rank's rows
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), _attention_kernel(entry):
-                    _, loss = model(x, y)
-                    (loss / cfg.grad_accum).backward(create_graph=entry.backward_create_graph)
+                loss = forward_backward(model, x, y, entry, autocast, cfg.grad_accum)
                 loss_sum += float(loss.detach())
             train_loss = par.mean(loss_sum / cfg.grad_accum)  # parallel (issue 6): the global batch's loss
             if not math.isfinite(train_loss):
@@ -406,6 +404,16 @@ def train(
     if log:
         log(f"{cfg.optimizer}: final val loss {last_val:.4f} after {result['tokens']:,} tokens in {train_time:.1f}s")
     return result
+
+
+def forward_backward(model: Any, x: Any, y: Any, entry: Any, autocast: bool, grad_accum: int = 1) -> Any:
+    """One micro-batch of a training step: forward (bf16 autocast on CUDA when ``autocast``, the
+    attention kernel the optimizer needs), then backward of loss / grad_accum, with the
+    second-order graph for optimizers that need it (Sophia). Returns the (unscaled) loss."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast), _attention_kernel(entry):
+        _, loss = model(x, y)
+        (loss / grad_accum).backward(create_graph=entry.backward_create_graph)
+    return loss
 
 
 def _attention_kernel(entry: Any) -> Any:

@@ -439,32 +439,33 @@ class Muon(Optimizer):
                 loss = closure()
 
         pg = _dist.resolve_group(self.process_group)  # distributed (issue 6)
-        self._dist_pg = pg
-        if not self._grads_ok(pg):
+        ok, allowed = self._grads_ok(pg)
+        if not ok:
             return loss
         stats: dict[str, dict[str, float]] = {}
         pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]] = []  # (group, name, p, direction, view)
         for group in self.param_groups:
             alg = group["algorithm"]
             if alg == "muon":
-                pending.extend(self._muon_directions(group))
+                pending.extend(self._muon_directions(group, allowed))
             elif alg == "adamw":
                 self._adamw_group(group, stats)
             else:
                 self._rms_group(group, stats)
         if pending:
-            self._muon_apply(pending, stats)
+            self._muon_apply(pending, stats, pg)
         if self.track_stats:
             self.last_stats = stats
         return loss
 
-    def _grads_ok(self, pg: Any = None) -> bool:
+    def _grads_ok(self, pg: Any = None) -> tuple[bool, Optional[set[int]]]:
         """Validate gradients before any state is touched; apply the non-finite policy.
 
+        Returns (take the step?, ids of the Muon parameters allowed to step or None for all).
         Under a process group (``pg``), finiteness and which Muon parameters have a gradient are
         agreed across ranks with one all_reduce, so every rank takes the same path.
         """
-        self._dist_allowed: Optional[set[int]] = None
+        allowed: Optional[set[int]] = None
         grads, names = [], []
         for group in self.param_groups:
             for name, p in zip(group["param_names"], group["params"]):
@@ -484,26 +485,28 @@ class Muon(Optimizer):
         if pg is not None:  # distributed (issue 6): agree on finiteness and Muon participation
             muon_params = [p for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]]
             agreed = _dist.agree([not bad] + [p.grad is not None for p in muon_params], pg)
-            self._dist_allowed = {id(p) for p, ok in zip(muon_params, agreed[1:]) if ok}
+            allowed = {id(p) for p, ok in zip(muon_params, agreed[1:]) if ok}
             if agreed[0]:
-                return True
+                return True, allowed
             bad = bad or ["(a gradient on another rank)"]
         elif not bad:
-            return True
+            return True, allowed
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             warnings.warn(f"Muon skipped a step: non-finite gradients in {', '.join(bad[:5])}", RuntimeWarning, stacklevel=3)
-            return False
+            return False, allowed
         raise NonFiniteGradientError(
             f"non-finite (NaN/inf) gradient in {len(bad)} parameter(s): {', '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}; no parameter or state was changed. "
             "Use Muon(..., nonfinite='skip') to skip such steps or 'propagate' to apply them."
         )
 
-    def _muon_directions(self, group: dict[str, Any]) -> list[tuple[dict[str, Any], str, Tensor, Tensor, str]]:
+    def _muon_directions(self, group: dict[str, Any], allowed: Optional[set[int]] = None
+                         ) -> list[tuple[dict[str, Any], str, Tensor, Tensor, str]]:
+        """Momentum update and direction of each Muon parameter with a gradient (and, distributed,
+        in ``allowed``: every rank has its gradient)."""
         mu, nesterov, form = group["momentum"], group["nesterov"], group["momentum_form"]
         items = []
-        allowed = getattr(self, "_dist_allowed", None)
         for name, p, view in zip(group["param_names"], group["params"], group["views"]):
             if p.grad is None or (allowed is not None and id(p) not in allowed):
                 continue
@@ -529,8 +532,8 @@ class Muon(Optimizer):
             dirs = [momentum_direction(g, b, mu, nesterov, form, clip) for g, b in zip(grads, bufs)]
         return [(group, name, p, d, view) for (name, p, _, view), d in zip(items, dirs)]
 
-    def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]], stats: dict[str, dict[str, float]]) -> None:
-        pg = getattr(self, "_dist_pg", None)
+    def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
+                    stats: dict[str, dict[str, float]], pg: Any = None) -> None:
         if pg is not None:  # distributed (issue 6): FSDP2 directions are gathered to their full shape
             pending = [(g, n, p, _full_direction(d, p), v) for g, n, p, d, v in pending]
         # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype)
@@ -576,12 +579,10 @@ class Muon(Optimizer):
                 stats[name] = _ortho_stats(blks)
             for b in blks:
                 b.mul_(adjust_lr_scale(b.shape[-2], b.shape[-1], group["adjust_lr_fn"]))
-            if _dist.is_dtensor(p):  # FSDP2: this rank's shard of the full update
-                apply_weight_decay_(_dist.local(p), _dist.local_slice(upd, p), lr, group["weight_decay"], group["cautious_weight_decay"])
-                _dist.local(p).add_(_dist.local_slice(upd, p), alpha=-lr)
-            else:
-                apply_weight_decay_(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
-                p.add_(upd, alpha=-lr)
+            # FSDP2 (DTensor): this rank's shard of the parameter takes its slice of the full update
+            target, step_upd = (_dist.local(p), _dist.local_slice(upd, p)) if _dist.is_dtensor(p) else (p, upd)
+            apply_weight_decay_(target, step_upd, lr, group["weight_decay"], group["cautious_weight_decay"])
+            target.add_(step_upd, alpha=-lr)
             if self.track_stats:
                 stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * lr
 

@@ -107,6 +107,21 @@ def test_assign_owners_is_deterministic_and_balanced():
     assert set(assign_owners(costs, 1)) == {0}
 
 
+def test_owner_balance_uses_the_flops_of_the_method_that_runs():
+    from muonlab.optimizer import _ortho_flops
+    from muonlab.orthogonalize import flops
+
+    assert matrix_cost(768, 3072) == flops("newton_schulz", 768, 3072, 5)
+    settings = ("auto", "keller", 5, None, 1e-7)
+    cpu = torch.device("cpu")
+    # fp32 on CPU: "auto" runs the Gram form on a wide matrix, plain Newton-Schulz on a square one
+    assert _ortho_flops(((768, 3072), settings, cpu, torch.float32)) == flops("gram", 768, 3072, 5)
+    assert _ortho_flops(((768, 768), settings, cpu, torch.float32)) == flops("newton_schulz", 768, 768, 5)
+    assert _ortho_flops(((768, 3072), ("newton_schulz",) + settings[1:], cpu, torch.float32)) == matrix_cost(768, 3072)
+    # bf16 iteration: always Newton-Schulz
+    assert _ortho_flops(((768, 3072), settings[:3] + ("bf16", 1e-7), cpu, torch.float32)) == matrix_cost(768, 3072)
+
+
 def test_single_process_default_unchanged(reference):
     """Without a process group, Muon does not touch torch.distributed and matches process_group=False."""
     assert not dist.is_initialized()

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .orthogonalize import flops
+
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - older torch
@@ -108,11 +110,10 @@ def agree(flags: Sequence[bool], group: Any) -> list[bool]:
 
 
 # ---------------------------------------------------------------------- ownership
-def matrix_cost(a: int, b: int) -> float:
-    """Estimated FLOPs of one Newton-Schulz-style orthogonalization of an (a, b) matrix, up to a
-    constant factor: the Gram products cost ~ min(a, b)^2 * max(a, b)."""
-    m, n = min(a, b), max(a, b)
-    return float(m) * m * n + float(m) * m * m
+def matrix_cost(a: int, b: int, method: str = "newton_schulz", steps: int = 5) -> float:
+    """Estimated FLOPs of one orthogonalization of an (a, b) matrix: the FLOP model of
+    :func:`muonlab.orthogonalize.flops` (the Newton-Schulz count stands in for the other methods)."""
+    return flops(method, a, b, steps)
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
@@ -134,6 +135,7 @@ def orthogonalize_owned(
     group: Any,
     run_bucket: Callable[[Any, list[tuple[Tensor, Tensor]]], None],
     times: Optional[dict[str, float]] = None,
+    costs: Optional[Sequence[float]] = None,
 ) -> list[int]:
     """Orthogonalize logical matrices spread over ``group`` and share the results.
 
@@ -143,12 +145,16 @@ def orthogonalize_owned(
     of (src[None], dst[None]) pairs of the same key locally. Returns the owner of each item.
 
     ``times`` (optional) receives ``"orthogonalize_s"`` and ``"communicate_s"`` for this rank.
+    ``costs`` (optional): the estimated FLOPs of each item, which the owners are balanced by
+    (default: :func:`matrix_cost` of its shape).
     """
     import time
 
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    owners = assign_owners([matrix_cost(s.shape[-2], s.shape[-1]) for s, _, _ in items], world)
+    if costs is None:
+        costs = [matrix_cost(s.shape[-2], s.shape[-1]) for s, _, _ in items]
+    owners = assign_owners(costs, world)
     # 1. the owned matrices, bucketed like the single-process path
     t0 = time.perf_counter()
     buckets: dict[Any, list[tuple[Tensor, Tensor]]] = defaultdict(list)

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from . import distributed as _dist
 from .coefficients import resolve_schedule
-from .orthogonalize import METHODS, orthogonalize, resolve_dtype
+from .orthogonalize import METHODS, choose_method, flops, orthogonalize, resolve_dtype
 from .routing import ParamGroups, RouteRow, RoutingReport, describe_matrices, muon_param_groups
 from .updates import (
     ADJUST_LR_MODES,
@@ -558,7 +558,8 @@ class Muon(Optimizer):
                 self._run_bucket(key, pairs)
         else:
             self.last_dist_times = {}
-            _dist.orthogonalize_owned(items, pg, self._run_bucket, self.last_dist_times)
+            _dist.orthogonalize_owned(items, pg, self._run_bucket, self.last_dist_times,
+                                      costs=[_ortho_flops(key) for _, _, key in items])
         # 3. per parameter: NorMuon, shape scale, weight decay, the step
         for (group, name, p, _, view), upd in zip(pending, updates):
             lr = _scalar(group["lr"])
@@ -661,6 +662,15 @@ def _full_direction(d: Tensor, p: Tensor) -> Tensor:
     if _dist.is_dtensor(p):
         return _dist.full_from_local(d, p)
     return d
+
+
+def _ortho_flops(key: tuple) -> float:
+    """Estimated FLOPs of one matrix of a bucket ``key`` (shape, settings, device, dtype), with the
+    method ``"auto"`` resolves to (the Gram form costs less on wide matrices)."""
+    (m, n), (method, _, steps, dtype, _), device, in_dtype = key
+    if method == "auto":
+        method = choose_method(m, n, steps, resolve_dtype(dtype, device, in_dtype))
+    return flops(method, m, n, steps)
 
 
 def _chunk_pairs(pairs: list[tuple[Tensor, Tensor]], limit: int) -> list[list[tuple[Tensor, Tensor]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"train-{args.optimizer}-{cfg.key()}"
     res = train(cfg, out, progress=not args.quiet, resume=not args.no_resume, log=print,
                 parallel=args.parallel)  # parallel (issue 6)
-    if args.parallel != "none" and int(__import__("os").environ.get("RANK", "0")) != 0:
+    if args.parallel != "none" and int(os.environ.get("RANK", "0")) != 0:
         return 0  # parallel (issue 6): only rank 0 prints
     print(json.dumps(res, indent=2))
     print(f"run folder: {out}")

@@ -164,3 +164,22 @@ def test_check_view_accepts_valid_and_returns_the_view():
     assert check_view("heads:4", torch.Size([32, 8])) == View("heads", heads=4)
     assert check_view("split:3,5", (8, 2)).sizes == (3, 5)
     assert check_view("flatten", (8, 2, 3)).kind == "flatten"  # 3-D conv1d kernels flatten too
+
+
+# ---------------------------------------------------------------------- boxes (sharded engine geometry)
+@pytest.mark.parametrize("shape,spec", [
+    ((6, 4), "matrix"), ((4, 6), "matrix"), ((5, 3, 2, 2), "flatten"), ((3, 4, 5), "experts"),
+    ((12, 5), "heads:3"), ((5, 12), "heads:4:1"), ((9, 4), "split:2,3,4"), ((7, 2), "split:7"),
+])
+def test_matrix_boxes_cut_the_same_matrices_as_blocks(shape, spec):
+    from muonlab.views import matrix_boxes
+
+    idx = torch.arange(torch.Size(shape).numel()).view(shape)  # each element's own flat index
+    want = [m for b in blocks(idx, spec) for m in b.unbind(0)]
+    boxes = matrix_boxes(shape, spec)
+    assert len(boxes) == len(want)
+    for box, m in zip(boxes, want):
+        got = idx[box.slices()].reshape(box.shape2d)
+        got = got.mT if box.transposed else got
+        assert box.logical_shape == tuple(m.shape)
+        assert torch.equal(got, m), (spec, box)

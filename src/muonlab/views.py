@@ -134,3 +134,55 @@ def blocks(t: torch.Tensor, spec: str) -> list[torch.Tensor]:
 def matrix_shapes(shape: tuple[int, ...], spec: str) -> list[tuple[int, int, int]]:
     """(k, a, b) for each block of a parameter of ``shape`` under view ``spec``."""
     return [tuple(b.shape) for b in blocks(torch.empty(shape, device="meta"), spec)]  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where one logical matrix lives in its parameter: the region ``[start, start + size)`` of every
+    physical dimension, read as a contiguous tensor of shape ``size``, reshaped to ``shape2d`` and,
+    if ``transposed``, transposed. Used by the sharded engine to cut a matrix out of shards."""
+
+    start: tuple[int, ...]
+    size: tuple[int, ...]
+    shape2d: tuple[int, int]
+    transposed: bool = False
+
+    @property
+    def logical_shape(self) -> tuple[int, int]:
+        a, b = self.shape2d
+        return (b, a) if self.transposed else (a, b)
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(s, s + n) for s, n in zip(self.start, self.size))
+
+
+def matrix_boxes(shape: torch.Size | tuple[int, ...], spec: str) -> list[Box]:
+    """The :class:`Box` of every logical matrix of a parameter of ``shape`` under view ``spec``,
+    in the order of ``torch.cat(blocks(t, spec))`` (block by block, matrix by matrix).
+
+    ``t[box.slices()].reshape(box.shape2d)`` (then ``.mT`` if ``box.transposed``) equals that
+    logical matrix; tests hold this to :func:`blocks` for every view.
+    """
+    view = parse_view(spec)
+    shape = tuple(int(s) for s in shape)
+    zero = (0,) * len(shape)
+    if view.kind == "matrix":
+        return [Box(zero, shape, (shape[0], shape[1]))]
+    if view.kind == "flatten":
+        return [Box(zero, shape, (shape[0], math.prod(shape[1:])))]
+    if view.kind == "experts":
+        return [Box((e, 0, 0), (1, shape[1], shape[2]), (shape[1], shape[2])) for e in range(shape[0])]
+    if view.kind == "heads":
+        m, n = shape
+        if view.dim == 0:
+            d = m // view.heads
+            return [Box((h * d, 0), (d, n), (d, n)) for h in range(view.heads)]
+        d = n // view.heads
+        return [Box((0, h * d), (m, d), (m, d)) for h in range(view.heads)]
+    if view.kind == "split":
+        out, start = [], 0
+        for s in view.sizes:
+            out.append(Box((start, 0), (s, shape[1]), (s, shape[1])))
+            start += s
+        return out
+    raise AssertionError(view)

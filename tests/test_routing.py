@@ -343,3 +343,22 @@ def test_report_of_plain_tensors_says_by_shape():
     assert [(r.algorithm, r.reason) for r in rows] == [("muon", "by shape (no module given)"),
                                                          ("adamw", "by shape (no module given)")]
     assert rows[0].name == "group0.param0"
+
+
+def test_report_formatting_does_not_import_the_lab():
+    # layer 3 must not reach up into layer 4: the table formatter lives in muonlab._tables
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from torch import nn; import muonlab; "
+        "print(muonlab.Muon(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))).routing_report()); "
+        "assert not [m for m in sys.modules if m.startswith('muonlab.lab')], sorted(sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "hidden Linear weight" in out.stdout
+    from muonlab._tables import format_table
+    from muonlab.lab.tables import format_table as lab_format_table
+
+    assert lab_format_table is format_table

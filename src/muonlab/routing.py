@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ._tables import format_table
 from .views import auto_view, check_view, matrix_shapes
 
 DEFAULT_HEAD_NAMES = ("lm_head", "head", "output", "classifier")
@@ -74,8 +75,6 @@ class RoutingReport:
         return out
 
     def __str__(self) -> str:
-        from .lab.tables import format_table  # plain formatting helper, no heavy deps
-
         rows = [
             [r.name, "x".join(map(str, r.shape)) or "scalar", r.algorithm, r.view, r.matrices,
              "-" if r.lr is None else f"{r.lr:g}", r.reason]

@@ -1,28 +1,11 @@
-"""Plain-text tables for the console and Markdown docs (no dependency)."""
+"""Plain-text tables for the console and Markdown docs (no dependency).
+
+The formatter lives in :mod:`muonlab._tables` (below layer 3, so the routing report can use it
+without importing the lab); this module re-exports it for the lab's own imports.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from .._tables import _fmt, format_table
 
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v != v:  # NaN
-            return "nan"
-        if v == 0 or 1e-3 <= abs(v) < 1e5:
-            return f"{v:.4g}"
-        return f"{v:.3e}"
-    return str(v)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
-    """Align columns; ``markdown=True`` gives a GitHub table."""
-    cells = [[_fmt(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    if markdown:
-        line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-        return "\n".join([line(list(headers)), sep] + [line(r) for r in cells])
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-    return "\n".join([line(list(headers)), "  ".join("-" * w for w in widths)] + [line(r) for r in cells])
+__all__ = ["_fmt", "format_table"]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._tables import format_table
-from .views import auto_view, check_view, matrix_shapes
+from .views import auto_view, check_view, matrix_shapes, parse_view
 
 DEFAULT_HEAD_NAMES = ("lm_head", "head", "output", "classifier")
 
@@ -89,10 +89,16 @@ class RoutingReport:
 
 
 def describe_matrices(shape: Sequence[int], view: str) -> str:
-    parts = []
+    """``"kx(fan_out, fan_in)"`` per block, e.g. ``"4x(16, 64)"``; an expert stack cut by heads or
+    split counts its equal blocks together (``"experts:split:48,48"`` on (4, 96, 32): ``"8x(48, 32)"``)."""
+    merge = parse_view(view).stacked
+    parts: list[list[int]] = []
     for k, a, b in matrix_shapes(tuple(shape), view):
-        parts.append(f"{k}x({a}, {b})")
-    return " + ".join(parts)
+        if merge and parts and parts[-1][1:] == [a, b]:
+            parts[-1][0] += k
+        else:
+            parts.append([k, a, b])
+    return " + ".join(f"{k}x({a}, {b})" for k, a, b in parts)
 
 
 def _matches(name: str, pattern: str) -> bool:

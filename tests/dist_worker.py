@@ -20,7 +20,7 @@ from torch import nn
 
 from muonlab import Muon
 
-VOCAB, DIM, BATCH, SEQ = 16, 8, 6, 5
+VOCAB, DIM, BATCH, SEQ = 16, 8, 12, 5  # BATCH divides over 1, 2, 3 and 4 ranks
 STEPS = 4
 CLIP = {"clip_momentum_norm": 0.05, "momentum_form": "sum"}
 
@@ -53,19 +53,26 @@ def make_model() -> Net:
     return Net()
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    named = dict(model.named_parameters())
-    muon = ["a.weight", "b.weight", "c.weight", "w6", "experts"]
-    views = {"w6": "heads:2", "experts": "experts"}
-    return [
-        {"params": [(n, named[n]) for n in muon], "algorithm": "muon",
-         "views": [views.get(n, "matrix") for n in muon]},
-        {"params": [(n, p) for n, p in named.items() if n not in muon], "algorithm": "adamw"},
+MUON = ["a.weight", "b.weight", "c.weight", "w6", "experts"]
+VIEWS = {"w6": "heads:2", "experts": "experts"}
+RMS = ["a.bias"]  # with rms=True: seed 002's RMS-normalized momentum instead of AdamW
+
+
+def param_groups(model: nn.Module, rms: bool = False, named: dict | None = None) -> list[dict]:
+    named = named if named is not None else dict(model.named_parameters())
+    rest = [n for n in named if n not in MUON and not (rms and n in RMS)]
+    groups = [
+        {"params": [(n, named[n]) for n in MUON], "algorithm": "muon",
+         "views": [VIEWS.get(n, "matrix") for n in MUON]},
+        {"params": [(n, named[n]) for n in rest], "algorithm": "adamw"},
     ]
+    if rms:
+        groups.append({"params": [(n, named[n]) for n in RMS], "algorithm": "rms", "lr": 0.01})
+    return groups
 
 
-def make_optimizer(model: nn.Module, **kw) -> Muon:
-    return Muon(param_groups(model), lr=0.05, adamw_lr=1e-2, weight_decay=0.01, **kw)
+def make_optimizer(model: nn.Module, rms: bool = False, named: dict | None = None, **kw) -> Muon:
+    return Muon(param_groups(model, rms, named), lr=0.05, adamw_lr=1e-2, weight_decay=0.01, **kw)
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +86,11 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, use_w6: bool = T
     return F.cross_entropy(model(x, use_w6).reshape(-1, VOCAB), y.reshape(-1))
 
 
-def reference(steps: int = STEPS, nograd: bool = False, start: int = 0, model=None, opt=None, **kw) -> dict:
+def reference(steps: int = STEPS, nograd: bool = False, start: int = 0, model=None, opt=None, rms: bool = False,
+              **kw) -> dict:
     """The single-process run on the full global batches."""
     model = model or make_model()
-    opt = opt or make_optimizer(model, process_group=False, **kw)
+    opt = opt or make_optimizer(model, rms=rms, process_group=False, **kw)
     for step in range(start, start + steps):
         x, y = batch(step)
         loss_fn(model, x, y, use_w6=not nograd).backward()
@@ -130,6 +138,97 @@ def fsdp_model(world: int) -> nn.Module:
     return model
 
 
+# ---------------------------------------------------------------------- layouts (sharded engine)
+# Each layout maps a parameter name to (mesh shape, placements) or None (a plain replicated tensor).
+# Parameters become DTensors with those placements; every rank computes the full-batch gradient on
+# the gathered parameters and takes its shard of it, so the optimizer alone is under test.
+def _layouts(world: int) -> dict:
+    from torch.distributed.tensor import Replicate, Shard
+
+    one = (world,)
+    two = (2, world // 2) if world % 2 == 0 else (1, world)
+    return {
+        "rows": lambda n, p: (one, [Shard(0)]) if n in MUON else None,                # TP colwise / FSDP
+        "cols": lambda n, p: (one, [Shard(1)]) if n in MUON and n != "experts" else
+                             ((one, [Shard(2)]) if n == "experts" else None),            # TP rowwise
+        "ep": lambda n, p: (one, [Shard(0)]) if n == "experts" else None,              # expert parallel
+        "hsdp": lambda n, p: (two, [Replicate(), Shard(0)]),                           # every parameter
+        "fsdp_tp": lambda n, p: (two, [Shard(0), Shard(1)]) if p.ndim == 2 else (two, [Replicate(), Replicate()]),
+        "mixed": lambda n, p: (one, [Shard(1)]) if n in ("a.weight", "w6") else ((one, [Shard(0)]) if p.ndim >= 2 else None),
+    }
+
+
+def layout_run(layout: str, rank: int, world: int, *, rms: bool = False, steps: int = STEPS, **kw) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    spec = _layouts(world)[layout]
+    plain = make_model()  # holds the full parameters for the forward/backward
+    meshes: dict = {}
+    named, where = {}, {}
+    for n, p in plain.named_parameters():
+        lay = spec(n, p)
+        if lay is None:
+            named[n] = nn.Parameter(p.detach().clone())
+        else:
+            shape, placements = lay
+            if shape not in meshes:
+                meshes[shape] = init_device_mesh("cpu", shape)
+            named[n] = nn.Parameter(distribute_tensor(p.detach().clone(), meshes[shape], placements))
+        where[n] = lay
+    opt = make_optimizer(plain, rms=rms, named=named, **kw)
+    for step in range(steps):
+        with torch.no_grad():
+            for n, p in plain.named_parameters():
+                q = named[n]
+                p.copy_(q.full_tensor() if hasattr(q, "full_tensor") else q)
+        plain.zero_grad()
+        x, y = batch(step)
+        loss_fn(plain, x, y).backward()
+        for n, p in plain.named_parameters():
+            g = p.grad.detach().clone()
+            q = named[n]
+            q.grad = distribute_tensor(g, q.device_mesh, q.placements) if hasattr(q, "device_mesh") else g
+        opt.step()
+        opt.zero_grad()
+    out = {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().clone() for n, q in named.items()}
+    plan = opt.last_shard_plan
+    out["__plan__"] = {
+        "sent": plan.sent_bytes, "received": plan.received_bytes, "rounds": plan.rounds,
+        "owners": [(MUON[m.entry], m.index, m.owner, sorted(p.rank for p in m.pieces),
+                    sorted(p.rank for p in m.sources)) for m in plan.matrices],
+    }
+    return out
+
+
+def real_fsdp_tp(rank: int, world: int) -> dict:
+    """A real FSDP2 + tensor-parallel model on a 2-D mesh (the layout FSDP2 builds over TP, with
+    _StridedShard on the shared dimension), not hand-made placements."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    dp, tp = (2, world // 2) if world % 2 == 0 else (1, world)
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    model = make_model()
+    parallelize_module(model, mesh["tp"], {"a": ColwiseParallel(), "b": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    opt = make_optimizer(model)
+    x_all = [batch(s) for s in range(STEPS)]
+    for step in range(STEPS):
+        x, y = x_all[step]
+        # data parallel over dp only: the tp ranks of one dp group see the same rows
+        r = dist.get_rank() // tp
+        k = x.shape[0] // dp
+        loss_fn(model, x[r * k:(r + 1) * k], y[r * k:(r + 1) * k]).backward()
+        opt.step()
+        opt.zero_grad()
+    placements = {n: str(p.placements) for n, p in model.named_parameters() if hasattr(p, "placements")}
+    out = full_params(model)
+    out["__placements__"] = placements
+    return out
+
+
 def main() -> None:
     scenarios, rank, world, port, outdir = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     ckpt_dir = sys.argv[6] if len(sys.argv) > 6 else None
@@ -145,6 +244,12 @@ def main() -> None:
 
 
 def run_scenario(sc: str, rank: int, world: int, ckpt_dir) -> dict:
+    if sc.startswith("layout:"):  # layout:NAME[:normuon]
+        parts = sc.split(":")
+        extra = {"normuon": True, "rms": True} if "normuon" in parts[2:] else {}
+        return layout_run(parts[1], rank, world, **extra)
+    if sc == "real_fsdp_tp":
+        return real_fsdp_tp(rank, world)
     if sc == "replicated":
         model = make_model()
         opt = make_optimizer(model)

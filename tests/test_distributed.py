@@ -1,4 +1,4 @@
-"""Distributed Muon (issue 6): real gloo processes on CPU, compared with the single-process run.
+"""Distributed Muon: real gloo processes on CPU, compared with the single-process run.
 
 Each world size is launched once (tests/dist_worker.py runs every scenario in one process group)
 and the per-scenario tests read the saved parameters. Ranks take equal slices of the same global
@@ -19,11 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from muonlab.distributed import assign_owners, matrix_cost
+from muonlab.distributed import Layout, assign_owners, build_plan, matrix_cost, shard_indices
 
 HERE = Path(__file__).parent
 WORKER = HERE / "dist_worker.py"
 SCENARIOS = ("replicated", "ddp", "fsdp", "fsdp_clip", "nograd", "nonfinite")
+LAYOUTS = ("rows", "cols", "ep", "hsdp", "fsdp_tp", "mixed")
+SHARDED = tuple(f"layout:{n}" for n in LAYOUTS) + ("layout:hsdp:normuon", "layout:fsdp_tp:normuon", "real_fsdp_tp")
 TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -89,13 +91,57 @@ def runs(tmp_path_factory):
 
     def get(world: int) -> dict:
         if world not in cache:
-            cache[world] = launch(SCENARIOS, world, tmp_path_factory.mktemp(f"dist{world}"))
+            cache[world] = launch(SCENARIOS + SHARDED, world, tmp_path_factory.mktemp(f"dist{world}"))
         return cache[world]
 
     return get
 
 
 # ---------------------------------------------------------------------- ownership (no processes)
+def _rows_layout(shape, world):
+    return Layout(tuple(shape), tuple((r, (range(r * shape[0] // world, (r + 1) * shape[0] // world), range(shape[1])))
+                                     for r in range(world)))
+
+
+def test_plan_pieces_owners_and_traffic():
+    """A (8, 4) matrix sharded by rows over 4 ranks: four pieces of 2 rows, one owner, and the
+    traffic is 3 pieces in and 3 pieces out (fp32)."""
+    plan = build_plan([(_rows_layout((8, 4), 4), "matrix", None)], 4, lambda shape, k: 1.0, [(4, 4)], 2**20)
+    (m,) = plan.matrices
+    assert [p.rank for p in m.pieces] == [0, 1, 2, 3] and all(p.numel == 8 for p in m.pieces)
+    assert m.owner == 0 and [p.box for p in m.pieces][1] == (slice(2, 4), slice(0, 4))
+    assert plan.received_bytes[0] == 3 * 8 * 4 and plan.sent_bytes[0] == 3 * 8 * 4
+    assert plan.sent_bytes[1:] == [32, 32, 32]
+
+
+def test_plan_prefers_whole_holders_and_bounds_rounds():
+    """heads:4 of a (8, 4) matrix over 4 row shards: each head is whole on one rank and owned
+    there; a byte budget smaller than two matrices puts each matrix in its own round."""
+    plan = build_plan([(_rows_layout((8, 4), 4), "heads:4", None)], 4, lambda shape, k: 1.0, [(4, 4)], 2**20)
+    assert [m.owner for m in plan.matrices] == [0, 1, 2, 3]
+    assert plan.sent_bytes == [0, 0, 0, 0] and plan.rounds == 1
+    rep = Layout((8, 4), tuple((r, (range(8), range(4))) for r in range(2)))
+    plan = build_plan([(rep, "heads:4", None)], 2, lambda shape, k: 1.0, [(4, 4)], 2 * 4 * 4 * 2)
+    assert plan.rounds == 4 and sorted(m.owner for m in plan.matrices) == [0, 0, 1, 1]
+
+
+def test_plan_refuses_shards_that_do_not_tile():
+    bad = Layout((4, 4), ((0, (range(0, 2), range(4))), (1, (range(1, 3), range(4)))))
+    with pytest.raises(RuntimeError, match="do not tile"):
+        build_plan([(bad, "matrix", None)], 2, lambda shape, k: 1.0, [(4, 4)], 2**20)
+
+
+@pytest.mark.parametrize("length,sf,n", [(12, 2, 2), (13, 2, 3), (5, 3, 2), (7, 2, 4)])
+def test_strided_shard_indices_follow_torch(length, sf, n):
+    """FSDP2-over-TP's _StridedShard: our index computation agrees with DTensor's own split."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    pl = _StridedShard(0, split_factor=sf)
+    shards, _ = pl._split_tensor(torch.arange(length), n, with_padding=False)
+    for c in range(n):
+        (got,) = shard_indices((length,), (n,), (c,), [pl])
+        assert list(got) == shards[c].tolist()
+
 def test_assign_owners_is_deterministic_and_balanced():
     costs = [matrix_cost(a, b) for a, b in [(768, 768)] * 6 + [(768, 3072)] * 4 + [(3, 12), (1, 3)]]
     owners = assign_owners(costs, 2)
@@ -133,7 +179,7 @@ def test_single_process_default_unchanged(reference):
 
 
 # ---------------------------------------------------------------------- parity with one process
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [2, 4, pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("scenario", ["replicated", "ddp", "fsdp"])
 def test_matches_single_process(runs, reference, world, scenario):
     """(a) replicated params + manual all-reduce, (b) DDP, (c) FSDP2 fully_shard (uneven (3, 12)
@@ -175,12 +221,69 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere(runs, world):
         assert max_diff(got, results[0]) == 0.0
 
 
-@pytest.mark.slow
-def test_world_size_3_matches_single_process(tmp_path, reference):
-    res = launch(("replicated", "ddp", "fsdp"), 3, tmp_path)
-    for sc, results in res.items():
-        for got in results:
-            assert max_diff(got, reference) < TOL, sc
+# ---------------------------------------------------------------------- the sharded engine's layouts
+WORLDS = [2, 4, pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
+
+
+def _params(got: dict) -> dict:
+    return {k: v for k, v in got.items() if not k.startswith("__")}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_layouts_match_single_process(runs, reference, world, layout):
+    """Parameters as DTensors on 1-D and 2-D meshes: TP rows (Shard(0)) and columns (Shard(1)),
+    expert parallel (the expert stack on its E dimension), HSDP (Replicate, Shard(0)) on every
+    parameter, FSDP+TP (Shard(0), Shard(1)), and a mix with replicated tensors: after several
+    steps the parameters equal the single-process optimizer's."""
+    for rank, got in enumerate(runs(world)[f"layout:{layout}"]):
+        assert max_diff(_params(got), reference) < TOL, (layout, world, rank)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("layout", ["hsdp", "fsdp_tp"])
+def test_sharded_normuon_and_rms_group_match_single_process(runs, world, layout):
+    """NorMuon (its per-row state computed by each matrix's owner and shared) and an ``rms`` group."""
+    ref = W.reference(normuon=True, rms=True)
+    assert max_diff(ref, W.reference()) > 1e-4  # NorMuon and the rms group change the run
+    for got in runs(world)[f"layout:{layout}:normuon"]:
+        assert max_diff(_params(got), ref) < TOL
+
+
+@pytest.mark.parametrize("world", [2, 4, pytest.param(3, marks=pytest.mark.slow)])
+def test_real_fsdp2_over_tensor_parallel_matches_single_process(runs, reference, world):
+    """fully_shard over parallelize_module on a (dp, tp) mesh: FSDP2 puts _StridedShard on the
+    dimension TP already shards, and parameters TP left alone live on the dp sub-mesh."""
+    results = runs(world)["real_fsdp_tp"]
+    if world == 4:
+        assert "_StridedShard" in results[0]["__placements__"]["a.weight"]
+    for got in results:
+        assert max_diff(_params(got), reference) < TOL
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_local_experts_and_heads_need_no_communication(runs, world):
+    """Expert parallel: each expert lives whole on one rank and is orthogonalized there (no piece
+    travels). TP rows at 2 ranks: each head of the heads:2 view lives on one rank, likewise."""
+    plan = runs(world)["layout:ep"][0]["__plan__"]
+    experts = [o for o in plan["owners"] if o[0] == "experts"]
+    assert len(experts) == 2
+    for _, _, owner, holders, sources in experts:
+        assert holders == [owner] and sources == [owner]
+    if world == 2:
+        heads = [o for o in runs(world)["layout:rows"][0]["__plan__"]["owners"] if o[0] == "w6"]
+        assert [(h[2], h[3]) for h in heads] == [(0, [0]), (1, [1])]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_hsdp_spreads_owners_over_replicas(runs, world):
+    """HSDP: the work is spread over the replicas too (every rank owns matrices), and each
+    distinct piece is sent once (one source per piece, not one per replica)."""
+    plan = runs(world)["layout:hsdp"][0]["__plan__"]
+    owners = {o[2] for o in plan["owners"]}
+    assert owners == set(range(world))
+    for _, _, _, holders, sources in plan["owners"]:
+        assert len(sources) <= max(1, len(holders) // 2)
 
 
 # ---------------------------------------------------------------------- checkpoints (DCP)

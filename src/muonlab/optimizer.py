@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -31,7 +32,7 @@ from .updates import (
     normuon_normalize,
     rms_step_,
 )
-from .views import auto_view, blocks, check_view, matrix_shapes
+from .views import auto_view, blocks, check_view, matrix_boxes, matrix_shapes
 
 ALGORITHMS = ("muon", "adamw", "rms")
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
@@ -140,6 +141,7 @@ class Muon(Optimizer):
         compile: bool = False,
         track_stats: bool = False,
         process_group: Any = None,
+        dist_bucket_bytes: Optional[int] = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
@@ -179,8 +181,14 @@ class Muon(Optimizer):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         self.compile = compile
         self.track_stats = track_stats
-        self.process_group = process_group  # distributed (issue 6)
-        self.last_dist_times: dict[str, float] = {}  # distributed (issue 6): this rank's last step
+        if dist_bucket_bytes is not None and (isinstance(dist_bucket_bytes, bool) or not isinstance(dist_bucket_bytes, int)
+                                              or dist_bucket_bytes < 1):
+            raise ValueError(f"dist_bucket_bytes must be a positive int or None, got {dist_bucket_bytes!r}")
+        self.process_group = process_group
+        self.dist_bucket_bytes = dist_bucket_bytes
+        self.last_dist_times: dict[str, float] = {}  # distributed: this rank's last step
+        self.last_shard_plan: Optional[_dist.ShardPlan] = None  # distributed: the plan of the last step
+        self._plan_cache: Optional[tuple[Any, _dist.ShardPlan]] = None
         self.last_stats: dict[str, dict[str, float]] = {}
         self.skipped_steps = 0
         self._reasons: dict[str, str] = {}
@@ -320,12 +328,15 @@ class Muon(Optimizer):
     _EXTRA_STATE = {
         "nonfinite": "raise", "batched": True, "batch_max_elements": None, "foreach": True, "compile": False, "track_stats": False, "last_stats": {},
         "skipped_steps": 0, "_reasons": {}, "_frozen": [], "_warned_plain": False,
-        "process_group": None, "last_dist_times": {},
+        "process_group": None, "last_dist_times": {}, "dist_bucket_bytes": None, "last_shard_plan": None,
+        "_plan_cache": None,
     }
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for key in (*self._EXTRA_STATE, "_adamw_defaults"):
+            if key in ("_plan_cache", "last_shard_plan"):
+                continue  # rebuilt on the next step (holds process-group ranks, not state)
             if key in self.__dict__:
                 state[key] = self.__dict__[key]
         return state
@@ -438,7 +449,7 @@ class Muon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        pg = _dist.resolve_group(self.process_group)  # distributed (issue 6)
+        pg = _dist.resolve_group(self.process_group)
         ok, allowed = self._grads_ok(pg)
         if not ok:
             return loss
@@ -482,7 +493,7 @@ class Muon(Optimizer):
             flags = torch.stack([torch.isfinite(g).all() for g in grads])  # one sync for all gradients
             if not bool(flags.all()):
                 bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
-        if pg is not None:  # distributed (issue 6): agree on finiteness and Muon participation
+        if pg is not None:  # distributed: agree on finiteness and Muon participation
             muon_params = [p for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]]
             agreed = _dist.agree([not bad] + [p.grad is not None for p in muon_params], pg)
             allowed = {id(p) for p, ok in zip(muon_params, agreed[1:]) if ok}
@@ -534,32 +545,25 @@ class Muon(Optimizer):
 
     def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
                     stats: dict[str, dict[str, float]], pg: Any = None) -> None:
-        if pg is not None:  # distributed (issue 6): FSDP2 directions are gathered to their full shape
-            pending = [(g, n, p, _full_direction(d, p), v) for g, n, p, d, v in pending]
+        if pg is not None:
+            return self._muon_apply_sharded(pending, stats, pg)
+        for _, name, p, _, _ in pending:
+            if _dist.is_dtensor(p):
+                raise ValueError(f"parameter {name} with shape {tuple(p.shape)} is a DTensor but Muon runs without a "
+                                 "process group (process_group=False); sharded parameters need the distributed step")
         # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype)
         updates = [torch.empty(d.shape, dtype=p.dtype, device=d.device) for _, _, p, d, _ in pending]
         buckets: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-        items: list[tuple[Tensor, Tensor, tuple]] = []  # distributed: one entry per logical matrix
         for (group, name, p, d, view), upd in zip(pending, updates):
-            key_settings = (group["ns_method"], group["ns_coefficients"], group["ns_steps"], group["ns_dtype"], group["eps"])
+            key_settings = _settings(group)
             for src, dst in zip(blocks(d, view), blocks(upd, view)):
                 if src.shape[-2] > src.shape[-1]:
                     # msign(Gᵀ) = msign(G)ᵀ: tall blocks join the bucket of their wide transpose
                     src, dst = src.mT, dst.mT
-                key = (tuple(src.shape[-2:]), key_settings, src.device, src.dtype)
-                if pg is None:
-                    buckets[key].append((src, dst))
-                else:
-                    items.extend((s, t, key) for s, t in zip(src.unbind(0), dst.unbind(0)))
-        # 2. orthogonalize each bucket in stacked chunks (or one matrix at a time: the reference loop);
-        #    distributed: each rank its owned matrices, then one all_gather shares the results
-        if pg is None:
-            for key, pairs in buckets.items():
-                self._run_bucket(key, pairs)
-        else:
-            self.last_dist_times = {}
-            _dist.orthogonalize_owned(items, pg, self._run_bucket, self.last_dist_times,
-                                      costs=[_ortho_flops(key) for _, _, key in items])
+                buckets[(tuple(src.shape[-2:]), key_settings, src.device, src.dtype)].append((src, dst))
+        # 2. orthogonalize each bucket in stacked chunks (or one matrix at a time: the reference loop)
+        for key, pairs in buckets.items():
+            self._run_bucket(key, pairs)
         # 3. per parameter: NorMuon, shape scale, weight decay, the step
         for (group, name, p, _, view), upd in zip(pending, updates):
             lr = _scalar(group["lr"])
@@ -580,12 +584,139 @@ class Muon(Optimizer):
                 stats[name] = _ortho_stats(blks)
             for b in blks:
                 b.mul_(adjust_lr_scale(b.shape[-2], b.shape[-1], group["adjust_lr_fn"]))
-            # FSDP2 (DTensor): this rank's shard of the parameter takes its slice of the full update
-            target, step_upd = (_dist.local(p), _dist.local_slice(upd, p)) if _dist.is_dtensor(p) else (p, upd)
-            apply_weight_decay_(target, step_upd, lr, group["weight_decay"], group["cautious_weight_decay"])
-            target.add_(step_upd, alpha=-lr)
+            apply_weight_decay_(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
+            p.add_(upd, alpha=-lr)
             if self.track_stats:
                 stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * lr
+
+    def _muon_apply_sharded(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
+                            stats: dict[str, dict[str, float]], pg: Any) -> None:
+        """The distributed step (see :mod:`muonlab.distributed`): each logical matrix is
+        orthogonalized by its owner from the pieces its holders send, and every rank gets back the
+        update of exactly the shard it holds."""
+        plan = self._shard_plan(pending, pg)
+        me = dist.get_rank(pg)
+        dirs, upds, dtypes = [], [], []
+        for group, name, p, d, view in pending:
+            d_loc, p_loc = _dist.local(d), _dist.local(p)
+            buf = _dist.local(self.state[p]["momentum_buffer"])
+            # the Nesterov direction is a fresh tensor: its update is written in place (one buffer, not two)
+            reuse = d_loc.dtype == p_loc.dtype and d_loc.data_ptr() != buf.data_ptr() and d_loc.is_contiguous()
+            dirs.append(d_loc)
+            upds.append(d_loc if reuse else torch.empty_like(p_loc, memory_format=torch.contiguous_format))
+            dtypes.append((d.dtype, p.dtype))
+        rows_of = {}  # NorMuon: (entry, matrix) -> first row of that matrix in the parameter's normuon_v
+        for ei, (group, _, p, _, view) in enumerate(pending):
+            if group["normuon"]:
+                off = 0
+                for mi, box in enumerate(matrix_boxes(tuple(p.shape), view)):
+                    rows_of[(ei, mi)] = off
+                    off += box.logical_shape[0]
+                self.state[p].setdefault("normuon_v", torch.zeros(off, dtype=torch.float32, device=_dist.local(p).device))
+
+        def compute(jobs: list[tuple[_dist.MatrixPlan, Tensor, Tensor]]) -> None:
+            buckets: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+            for m, src, dst in jobs:
+                group = pending[m.entry][0]
+                if src.shape[-2] > src.shape[-1]:
+                    src, dst = src.mT, dst.mT  # msign(Gᵀ) = msign(G)ᵀ
+                buckets[(tuple(src.shape), _settings(group), src.device, src.dtype)].append((src[None], dst[None]))
+            for key, pairs in buckets.items():
+                self._run_bucket(key, pairs)
+            for m, _, dst in jobs:
+                group, name, p = pending[m.entry][:3]
+                a, b = dst.shape
+                if group["normuon"]:
+                    v = self.state[p]["normuon_v"]
+                    r0 = rows_of[(m.entry, m.index)]
+                    dst.copy_(normuon_normalize(dst.float()[None], v[r0:r0 + a].view(1, a), group["normuon_beta2"])[0])
+                if self.track_stats:
+                    st = _ortho_stats([dst[None]])
+                    acc = owned_stats[m.entry]
+                    acc[0] = max(acc[0], st["ortho_residual"])
+                    acc[1] = max(acc[1], st["sv_max"])
+                    acc[2] = max(acc[2], -st["sv_min"])
+                dst.mul_(adjust_lr_scale(a, b, group["adjust_lr_fn"]))
+                if self.track_stats:
+                    owned_stats[m.entry][3] += float(dst.float().square().sum())
+
+        owned_stats = [[-math.inf, -math.inf, -math.inf, 0.0] for _ in pending]  # residual, sv_max, -sv_min, sum sq
+        self.last_dist_times = {}
+        _dist.redistribute(plan, dirs, upds, compute, pg, dtypes, self.last_dist_times)
+        if rows_of:  # NorMuon state stays replicated: each owner's updated rows reach every rank
+            self._sync_normuon(pending, plan, rows_of, me, pg)
+        if self.track_stats:  # the same statistics on every rank: each matrix counted once, by its owner
+            t = torch.tensor(owned_stats, dtype=torch.float64)
+            hi, total = t[:, :3].contiguous(), t[:, 3].contiguous()
+            dev = _dist.comm_device(pg)
+            hi, total = hi.to(dev), total.to(dev)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=pg)
+            dist.all_reduce(total, group=pg)
+            for (group, name, p, _, _), h, sq in zip(pending, hi.tolist(), total.tolist()):
+                stats[name] = {"ortho_residual": h[0], "sv_min": -h[2], "sv_max": h[1],
+                               "update_rms": math.sqrt(sq / max(1, p.numel())) * _scalar(group["lr"])}
+        for (group, name, p, _, _), upd in zip(pending, upds):
+            lr = _scalar(group["lr"])
+            target = _dist.local(p)
+            apply_weight_decay_(target, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
+            target.add_(upd, alpha=-lr)
+
+    def _shard_plan(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]], pg: Any) -> _dist.ShardPlan:
+        """The plan for this step's participating Muon parameters (cached while they and their
+        settings stay the same; every rank decides identically, so no collective is needed)."""
+        world = dist.get_world_size(pg)
+        budget = self.dist_bucket_bytes or _default_bucket_bytes(pending[0][2].device if pending else torch.device("cpu"))
+        key = (id(pg), world, budget, tuple((id(p), view, _settings(g), p.dtype, d.dtype, tuple(_dist.local(p).shape))
+                                             for g, _, p, d, view in pending))
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            self.last_shard_plan = self._plan_cache[1]
+            return self._plan_cache[1]
+        entries, elem, submesh = [], [], []
+        for group, name, p, d, view in pending:
+            layout = _dist.layout_of(p, pg, name)
+            entries.append((layout, view, (_settings(group), _dist.local(p).device, d.dtype)))
+            elem.append((_dist.local(d).element_size(), _dist.local(p).element_size()))
+            if _dist.is_submesh(p, pg):
+                submesh.append((name, p, layout))
+        _dist.check_replicas(submesh, pg)
+
+        def cost(shape: tuple[int, int], k: tuple) -> float:
+            settings, device, dtype = k
+            return _ortho_flops(((min(shape), max(shape)), settings, device, dtype))
+
+        plan = _dist.build_plan(entries, world, cost, elem, budget, names=[n for _, n, _, _, _ in pending])
+        self._plan_cache = (key, plan)
+        self.last_shard_plan = plan
+        return plan
+
+    def _sync_normuon(self, pending: list, plan: _dist.ShardPlan, rows_of: dict, me: int, pg: Any) -> None:
+        """Every rank keeps the whole NorMuon ``normuon_v`` of every parameter; the owner of a matrix
+        updated its rows, so one all_reduce(SUM) of (rows owned by this rank, zeros elsewhere) gives
+        every rank the exact new values."""
+        parts, masks = [], []
+        for ei, (group, _, p, _, _) in enumerate(pending):
+            if group["normuon"]:
+                v = self.state[p]["normuon_v"]
+                mask = torch.zeros_like(v)
+                parts.append(v)
+                masks.append(mask)
+        offsets = {}
+        base = 0
+        for ei, (group, _, p, _, _) in enumerate(pending):
+            if group["normuon"]:
+                offsets[ei] = base
+                base += self.state[p]["normuon_v"].numel()
+        flat_mask = torch.cat(masks)
+        for m in plan.matrices:
+            if m.owner == me and (m.entry, m.index) in rows_of:
+                r0 = offsets[m.entry] + rows_of[(m.entry, m.index)]
+                flat_mask[r0:r0 + m.box.logical_shape[0]] = 1.0
+        flat = torch.cat(parts) * flat_mask
+        dist.all_reduce(flat, group=pg)
+        for ei, (group, _, p, _, _) in enumerate(pending):
+            if group["normuon"]:
+                v = self.state[p]["normuon_v"]
+                v.copy_(flat[offsets[ei]:offsets[ei] + v.numel()])
 
     def _run_bucket(self, key: tuple, pairs: list[tuple[Tensor, Tensor]]) -> None:
         """Orthogonalize same-key (source, destination) block stacks in stacked chunks (or one matrix
@@ -655,13 +786,14 @@ class Muon(Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
-def _full_direction(d: Tensor, p: Tensor) -> Tensor:
-    """The full-shape direction of an FSDP2 (DTensor) parameter (a collective); others unchanged."""
-    if _dist.is_dtensor(d):
-        return d.full_tensor()
-    if _dist.is_dtensor(p):
-        return _dist.full_from_local(d, p)
-    return d
+def _settings(group: dict[str, Any]) -> tuple:
+    """The orthogonalization settings of a Muon group (part of every bucket key)."""
+    return (group["ns_method"], group["ns_coefficients"], group["ns_steps"], group["ns_dtype"], group["eps"])
+
+
+def _default_bucket_bytes(device: torch.device) -> int:
+    """Bytes a rank owns, sends or receives in one round of the sharded step (``dist_bucket_bytes``)."""
+    return 2**26 if device.type == "cuda" else 2**24
 
 
 def _ortho_flops(key: tuple) -> float:

@@ -84,7 +84,7 @@ def test_tied_head_is_recognized_even_with_another_last_linear():
     class Model(TiedLM):
         def __init__(self):
             super().__init__()
-            self.value_head = nn.Linear(16, 1)  # registered after the tied head
+            self.value_head = nn.Linear(16, 2)  # registered after the tied head
 
     groups = muon_param_groups(Model())
     assignment = _assignment(groups)
@@ -182,7 +182,7 @@ def test_conv_and_expert_tensors():
     assert views == {"conv.weight": "flatten", "conv1d.weight": "flatten", "experts": "experts"}
     reasons = _reasons(groups)
     assert reasons["conv.weight"] == "conv kernel (flattened)"
-    assert reasons["experts"] == "3-D tensor (expert stack)"
+    assert reasons["experts"] == "expert stack (4 batched matmuls)"
     assert _assignment(groups)["classifier.weight"] == "adamw"
 
 
@@ -362,3 +362,173 @@ def test_report_formatting_does_not_import_the_lab():
     from muonlab.lab.tables import format_table as lab_format_table
 
     assert lab_format_table is format_table
+
+
+# ---------------------------------------------------------------------- routing by what a parameter does
+def test_raw_parameters_go_to_adamw_with_the_pattern_that_changes_it():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+            self.mix = nn.Parameter(torch.randn(8, 8))  # multiplied by custom code: unknown to routing
+            self.lm_head = nn.Linear(8, 4)
+
+    groups = muon_param_groups(Model())
+    assignment, reasons = _assignment(groups), _reasons(groups)
+    assert [n for n, a in assignment.items() if a == "muon"] == ["blocks.0.weight", "blocks.1.weight"]
+    assert reasons["cls_token"].startswith("class/register token, not multiplied by a known matmul module")
+    assert reasons["pos_embed"].startswith("position embedding")
+    assert reasons["relative_position_bias_table"].startswith("relative-position bias table")
+    assert reasons["mix"] == "2-D tensor, not multiplied by a known matmul module; muon=['mix'] routes it to Muon"
+    # ... and that one pattern does route it, with its natural view
+    muon = next(g for g in muon_param_groups(Model(), muon=["mix"]) if g["algorithm"] == "muon")
+    assert dict(zip(muon["param_names"], muon["views"]))["mix"] == "matrix"
+
+
+def test_vectors_shaped_1_x_n_depthwise_and_patch_embedding_convs_go_to_adamw():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 16, kernel_size=4, stride=4)  # first conv, non-overlapping patches
+            self.dw = nn.Conv1d(16, 16, 3, groups=16)  # depthwise
+            self.grouped = nn.Conv1d(16, 16, 3, groups=4)
+            self.down = nn.Conv2d(16, 16, kernel_size=2, stride=2)  # patchify too, but not the input layer
+            self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)  # weight stored (in, out, k, k)
+            self.proj = nn.Linear(16, 16)
+            self.score = nn.Linear(16, 1)  # a vector
+            self.lm_head = nn.Linear(16, 4)
+
+    groups = muon_param_groups(Model())
+    assignment, reasons = _assignment(groups), _reasons(groups)
+    muon = next(g for g in groups if g["algorithm"] == "muon")
+    views = dict(zip(muon["param_names"], muon["views"]))
+    assert views == {"grouped.weight": "flatten", "down.weight": "flatten", "up.weight": "T:flatten",
+                     "proj.weight": "matrix"}
+    assert reasons["patch.weight"].startswith("input layer (patch embedding conv)")
+    assert "muon=['patch.weight']" in reasons["patch.weight"]
+    assert reasons["dw.weight"].startswith("depthwise conv kernel")
+    assert reasons["grouped.weight"] == "grouped conv kernel (4 groups, flattened together)"
+    assert reasons["score.weight"] == "Linear weight shaped 1 x 16: a vector, not a matrix (msign would only normalize it)"
+    assert assignment["score.weight"] == "adamw"
+    # the transposed conv reads as (out * k * k, in): 8 * 2 * 2 = 32 outputs per input channel
+    report = {r.name: r for r in Muon(groups).routing_report().rows}
+    assert report["up.weight"].matrices == "1x(32, 16)"
+    # the patch embedding is also recognized by name, as a Linear
+    named = nn.Module()
+    named.patch_embed = nn.Linear(48, 16)
+    named.body = nn.Linear(16, 16)
+    named.head = nn.Linear(16, 2)
+    assert _assignment(muon_param_groups(named))["patch_embed.weight"] == "adamw"
+
+
+class _Experts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(4, 8, 16))  # (E, in, out): stored transposed
+        self.w_in_bias = nn.Parameter(torch.zeros(4, 16))
+        self.is_transposed = True  # transformers' @use_experts_implementation attribute
+
+
+class _MoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 4, bias=False)
+        self.experts = _Experts()
+        self.shared_expert_gate = nn.Linear(8, 1, bias=False)
+
+
+def test_moe_router_is_a_judgment_call_that_one_pattern_changes():
+    model = nn.Module()
+    model.layers = nn.ModuleList(_MoE() for _ in range(2))
+    model.lm_head = nn.Linear(8, 3)
+    groups = muon_param_groups(model)
+    assignment, reasons = _assignment(groups), _reasons(groups)
+    assert assignment["layers.0.gate.weight"] == "adamw"
+    assert reasons["layers.1.gate.weight"].startswith("MoE router: AdamW (judgment call")
+    assert reasons["layers.1.gate.weight"].endswith("muon=['layers.*.gate.weight'] routes it to Muon")
+    assert reasons["layers.0.shared_expert_gate.weight"].startswith("gate weight shaped 1 x 8: a vector")
+    assert reasons["layers.0.experts.w_in_bias"] == "expert bias stack (E, out)"
+    muon = next(g for g in groups if g["algorithm"] == "muon")
+    assert dict(zip(muon["param_names"], muon["views"])) == {"layers.0.experts.w_in": "experts:T",
+                                                             "layers.1.experts.w_in": "experts:T"}
+    assert reasons["layers.0.experts.w_in"] == "expert stack (4 batched matmuls), stored (E, in, out): transposed"
+    assignment = _assignment(muon_param_groups(model, muon=["layers.*.gate.weight"]))
+    assert assignment["layers.0.gate.weight"] == assignment["layers.1.gate.weight"] == "muon"
+
+
+def test_recurrent_and_attention_weights_go_to_muon():
+    model = nn.Module()
+    model.emb = nn.Embedding(10, 8)
+    model.rnn = nn.LSTM(8, 8, batch_first=True)
+    model.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+    model.lm_head = nn.Linear(8, 10)
+    groups = muon_param_groups(model)
+    reasons = _reasons(groups)
+    assert reasons["rnn.weight_ih_l0"] == reasons["rnn.weight_hh_l0"] == "recurrent layer weight"
+    assert reasons["attn.q_proj_weight"] == reasons["attn.k_proj_weight"] == "attention projection"
+    assert _assignment(groups)["attn.out_proj.weight"] == "muon"
+
+
+# ---------------------------------------------------------------------- wrappers and pattern hints
+class _DDPLike(nn.Module):
+    """What DDP, DataParallel and DeepSpeed look like to routing: one child named 'module'."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.mark.parametrize("wrap", ["compile", "ddp", "both"])
+def test_routing_and_patterns_see_through_wrappers(wrap):
+    torch.manual_seed(0)
+    plain = SmallGPT()
+    wrapped: nn.Module = plain
+    if wrap in ("ddp", "both"):
+        wrapped = _DDPLike(wrapped)
+    if wrap in ("compile", "both"):
+        wrapped = torch.compile(wrapped)  # compiles lazily: nothing runs until a forward
+    prefix = {"compile": "_orig_mod.", "ddp": "module.", "both": "_orig_mod.module."}[wrap]
+    kwargs = dict(adamw=["blocks.0.wk.weight"], views={"blocks.*.wq.weight": "heads:4"}, head="lm_head")
+    want = muon_param_groups(plain, **kwargs)
+    got = muon_param_groups(wrapped, **kwargs)
+    assert [g["algorithm"] for g in got] == [g["algorithm"] for g in want]
+    for g, w in zip(got, want):
+        assert g["param_names"] == [prefix + n for n in w["param_names"]]
+        assert g["views"] == w["views"] and g["routing"] == w["routing"]
+        assert all(a is b for a, b in zip(g["params"], w["params"]))
+    # the full (prefixed) spelling matches too
+    assert _assignment(muon_param_groups(wrapped, adamw=[prefix + "blocks.1.wq.weight"]))[prefix + "blocks.1.wq.weight"] == "adamw"
+
+
+def test_a_child_named_module_in_a_real_model_is_not_a_wrapper():
+    model = nn.Module()
+    model.module = nn.Linear(4, 4)
+    model.other = nn.Linear(4, 4)
+    model.lm_head = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        muon_param_groups(model, adamw=["weight"])
+
+
+def test_a_pattern_that_matches_nothing_lists_the_closest_names():
+    with pytest.raises(ValueError, match=r"pattern 'blocks\.0\.attn\.wq\.weight' matches no trainable parameter "
+                                         r"of the model; closest names: blocks\.0\.wq\.weight"):
+        muon_param_groups(SmallGPT(), adamw=["blocks.0.attn.wq.weight"])
+    with pytest.raises(ValueError, match=r"closest names: .*blocks\.1\.fc\.weight"):
+        muon_param_groups(SmallGPT(), views={"blocks.*.fc1.weight": "heads:2"})
+    with pytest.raises(ValueError, match=r"head pattern 'lm_haed' matches no module or parameter; closest names: lm_head"):
+        muon_param_groups(SmallGPT(), head="lm_haed")
+    with pytest.raises(ValueError, match=r"add a muon=\[\.\.\.\] pattern"):
+        muon_param_groups(SmallGPT(), views={"emb.weight": "heads:2"})
+
+
+def test_a_model_without_a_head_keeps_its_last_block_linear_on_muon():
+    # a base model (a stack of blocks, no head): the last Linear sits inside the repeated layers
+    model = nn.Module()
+    model.emb = nn.Embedding(10, 16)
+    model.blocks = nn.ModuleList(Block() for _ in range(2))
+    assignment = _assignment(muon_param_groups(model))
+    assert assignment["blocks.1.proj.weight"] == "muon"
+    assert not any("output head" in r for r in _reasons(muon_param_groups(model)).values())

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from muonlab.lab.data import load_corpus
 from muonlab.lab.train import TrainConfig, lr_factor, read_metrics, train
@@ -154,3 +155,123 @@ def test_zoo_entries_train_through_the_trainer(tmp_path, corpus, optimizer):
     full = train(cfg, tmp_path / "full", progress=False, corpus=corpus)
     assert res["final_val_loss"] == full["final_val_loss"] < evals(tmp_path / "full")[0][1]
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+# --- reliability (issue 13): checkpoints, damaged files, full disks --------------------------------
+
+
+def _all_finite(ckpt) -> bool:
+    tensors = list(ckpt["model"].values())
+    for st in ckpt["optimizer"]["state"].values():
+        tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def test_a_nonfinite_state_is_never_checkpointed(tmp_path, corpus):
+    # AdamW at lr 1e6 turns the weights to NaN in step 2 while that step's loss was still finite; the
+    # old trainer checked only the loss, so checkpoint.pt (every step) held the NaN weights
+    cfg = micro_config(optimizer="adamw", lr=1e6, steps=40, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"non-finite by step 2.*checkpoint of step 1 is kept"):
+        train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and _all_finite(ckpt)
+    assert not list((tmp_path / "r").glob("*.tmp"))
+
+
+def test_the_previous_checkpoint_is_kept_beside_the_latest(tmp_path, corpus):
+    train(micro_config(), tmp_path / "r", progress=False, corpus=corpus, stop_after=8)  # checkpoints at 4 and 8
+    latest = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    prev = torch.load(tmp_path / "r" / "checkpoint.prev.pt", weights_only=True)
+    assert (latest["step"], prev["step"]) == (8, 4)
+
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "random bytes": lambda data: bytes(range(256)) * 40,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, corpus, damage):
+    cfg = micro_config()
+    full = train(cfg, tmp_path / "full", progress=False, corpus=corpus)
+    run = tmp_path / "part"
+    train(cfg, run, progress=False, corpus=corpus, stop_after=8)
+    ckpt = run / "checkpoint.pt"
+    ckpt.write_bytes(DAMAGE[damage](ckpt.read_bytes()))
+    with pytest.warns(UserWarning, match=rf"{ckpt}.*resuming from the previous checkpoint .*checkpoint.prev.pt \(step 4\)"):
+        resumed = train(cfg, run, progress=False, corpus=corpus)
+    # resumed at step 4 instead of 8, the run still ends bit-identical to the uninterrupted one
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+    assert losses(run) == losses(tmp_path / "full")
+
+
+def test_a_damaged_checkpoint_without_a_previous_one_is_a_clear_error(tmp_path, corpus):
+    from muonlab.lab.train import CheckpointError
+
+    run = tmp_path / "r"
+    train(micro_config(), run, progress=False, corpus=corpus, stop_after=4)  # one checkpoint, no previous one
+    assert not (run / "checkpoint.prev.pt").exists()
+    (run / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"{run / 'checkpoint.pt'} is unreadable \(the file is empty\)"):
+        train(micro_config(), run, progress=False, corpus=corpus)
+
+
+def test_a_damaged_result_json_is_named_and_the_result_recomputed(tmp_path, corpus):
+    cfg = micro_config(steps=4, eval_every=2)
+    first = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    path = tmp_path / "r" / "result.json"
+    path.write_text('{"finished": tr')
+    with pytest.warns(UserWarning, match=rf"result file {path} is damaged"):
+        again = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    assert again["final_val_loss"] == first["final_val_loss"]
+    assert json.loads(path.read_text())["final_val_loss"] == first["final_val_loss"]
+
+
+def test_a_run_that_stopped_after_its_last_checkpoint_finishes(tmp_path, corpus):
+    # killed between the final checkpoint and result.json: resuming used to crash on a missing loss
+    cfg = micro_config(steps=4, eval_every=2)
+    first = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    (tmp_path / "r" / "result.json").unlink()
+    again = train(cfg, tmp_path / "r", progress=False, corpus=corpus)
+    assert again["final_val_loss"] == first["final_val_loss"]
+
+
+def test_a_full_disk_keeps_the_good_checkpoint_and_no_temporary_file(tmp_path, corpus, monkeypatch):
+    import errno
+
+    from muonlab.lab.train import LabError
+
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        calls.append(obj["step"])
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"partial bytes")  # the disk fills up part-way through the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    run = tmp_path / "r"
+    with pytest.raises(LabError, match=rf"cannot write the checkpoint {run / 'checkpoint.pt'}: No space left"):
+        train(micro_config(), run, progress=False, corpus=corpus)
+    assert calls == [4, 8]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_seq_len_longer_than_the_context_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="seq_len 64 exceeds the tiny model's context length 32"):
+        micro_config(seq_len=64).validate()
+
+
+def test_a_damaged_line_inside_metrics_is_reported_not_silently_dropped(tmp_path):
+    rows = [{"kind": "train", "step": i, "loss": 1.0} for i in range(1, 5)]
+    lines = [json.dumps(r) for r in rows]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{torn"] + lines[2:]) + "\n")
+    with pytest.warns(UserWarning, match=r"metrics.jsonl is damaged at line 3; reading the 2 rows before it"):
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "tr']))  # a torn last line: quiet
+    assert len(read_metrics(tmp_path)) == 4

@@ -8,6 +8,7 @@ and writes ``summary.json`` and ``summary.csv`` before drawing the report from t
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -17,7 +18,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .data import load_corpus
-from .train import TrainConfig, atomic_write_text, environment, read_metrics, train
+from .train import (
+    LOCK_FILE,
+    RunFolder,
+    TrainConfig,
+    atomic_write_bytes,
+    atomic_write_text,
+    environment,
+    read_json,
+    read_metrics,
+    train,
+)
 from .zoo import get_entry, parse_optimizer_list
 
 SWEEP_MULTIPLIERS = (0.5, 1.0, 2.0)  # around each entry's per-size default learning rate
@@ -29,10 +40,22 @@ def default_out_dir() -> Path:
 
 def steps_for_tokens(tokens: int, cfg: TrainConfig, seq_len: int) -> int:
     per_step = cfg.batch_size * seq_len * cfg.grad_accum
-    steps = math.ceil(tokens / per_step)
-    if steps < 1:
-        raise ValueError(f"--tokens {tokens} is less than one step of {per_step} tokens")
-    return steps
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"--tokens must be a positive integer, got {tokens!r}")
+    return math.ceil(tokens / per_step)  # at least one step
+
+
+def _out_folder(out: Optional[str | Path], default: Path) -> Path:
+    if out is None:
+        return default
+    if not str(out).strip():
+        raise ValueError("the output folder must be named, got an empty string")
+    return Path(out)
+
+
+def _holds_results(out_dir: Path) -> bool:
+    """Whether a failed compare/efficiency folder holds anything but its lock (runs tidy their own)."""
+    return any(p.name != LOCK_FILE for p in out_dir.iterdir())
 
 
 def _run_name(optimizer: str, lr: float, seed: int) -> str:
@@ -66,15 +89,18 @@ def compare(
     report: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Compare optimizers on the lab GPT and write the results folder; returns the summary."""
+    """Compare optimizers on the lab GPT and write the results folder; returns the summary.
+
+    The folder is locked while the comparison runs (a second comparison on it fails at once); if
+    this call created it and fails before any run wrote anything, it is removed again."""
     names = parse_optimizer_list(optimizers)
     base = replace(base) if base is not None else TrainConfig()
     base.validate()
     if not seeds:
         raise ValueError("at least one seed is needed")
-    out_dir = Path(out) if out is not None else default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    out_dir = _out_folder(out, default_out_dir())
     from .model import GPTConfig
 
     seq_len = base.seq_len or GPTConfig.from_name(base.model, **base.model_overrides).seq_len
@@ -85,7 +111,14 @@ def compare(
             (n for n in names if get_entry(n).family != "muon"), names[0])
     elif baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not among the compared optimizers {names}")
+    with RunFolder(out_dir, useful=_holds_results):
+        return _compare(names, base, seq_len, sweep, lr_multipliers, seeds, out_dir, baseline, progress, report, log)
 
+
+def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_multipliers: tuple[float, ...],
+             seeds: tuple[int, ...], out_dir: Path, baseline: str, progress: bool, report: bool,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
     runs: dict[str, list[dict[str, Any]]] = {}
     plan = []
     for name in names:
@@ -166,7 +199,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str, out_dir: Pat
         }
     target = per_opt[baseline]["final_val_loss"]
     # paired by seed (same init and data order): the target of a seed is the baseline's final loss at that seed
-    base_by_seed = {seed: json.loads((out_dir / rd / "result.json").read_text())["final_val_loss"]
+    base_by_seed = {seed: read_json(out_dir / rd / "result.json", "result file")["final_val_loss"]
                     for rd, seed in zip(per_opt[baseline]["runs"], per_opt[baseline]["run_seeds"])}
     for name, s in per_opt.items():
         tok, tim = [], []
@@ -194,13 +227,12 @@ SUMMARY_COLUMNS = ["optimizer", "best_lr", "final_val_loss", "final_val_loss_std
 
 def write_summary(summary: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
-    tmp = out_dir / "summary.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(SUMMARY_COLUMNS)
-        for s in summary["optimizers"].values():
-            w.writerow([s.get(c) for c in SUMMARY_COLUMNS])
-    tmp.replace(out_dir / "summary.csv")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(SUMMARY_COLUMNS)
+    for s in summary["optimizers"].values():
+        w.writerow([s.get(c) for c in SUMMARY_COLUMNS])
+    atomic_write_bytes(out_dir / "summary.csv", buf.getvalue().encode("utf-8"))
 
 
 def _json_default(v: Any) -> Any:
@@ -265,12 +297,20 @@ def efficiency(
     parse_optimizer_list([optimizer, baseline])
     base = replace(base) if base is not None else TrainConfig()
     base.validate()
-    if any(not (0 < f <= 1.5) for f in fractions):
+    if not fractions or any(not (0 < f <= 1.5) for f in fractions):
         raise ValueError(f"fractions must be in (0, 1.5], got {fractions}")
-    out_dir = Path(out) if out is not None else Path("runs") / time.strftime("efficiency-%Y%m%d-%H%M%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"at least one seed is needed and seeds must be distinct, got {list(seeds)}")
+    out_dir = _out_folder(out, Path("runs") / time.strftime("efficiency-%Y%m%d-%H%M%S"))
+    with RunFolder(out_dir, useful=_holds_results):
+        return _efficiency(optimizer, baseline, base, tuple(sorted(fractions)), sweep, lr_multipliers, seeds, out_dir,
+                           progress, log)
+
+
+def _efficiency(optimizer: str, baseline: str, base: TrainConfig, fractions: tuple[float, ...], sweep: bool,
+                lr_multipliers: tuple[float, ...], seeds: tuple[int, ...], out_dir: Path, progress: bool,
+                log: Callable[[str], None]) -> dict[str, Any]:
     corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
-    fractions = tuple(sorted(fractions))
 
     def run_set(name: str, steps: int) -> dict[str, Any]:
         default_lr = get_entry(name).lr_for(base.model)

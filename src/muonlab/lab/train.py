@@ -5,8 +5,13 @@ A run directory holds:
 * ``config.json``   the exact TrainConfig (and the environment) of the run;
 * ``metrics.jsonl`` one JSON object per training step (``kind: "train"``) and per evaluation
   (``kind: "eval"``): the source of truth every plot is drawn from;
-* ``checkpoint.pt`` the latest checkpoint (model, optimizer, scheduler, step), written atomically;
-* ``result.json``   written last, when the run finished: final validation loss, tokens, time.
+* ``checkpoint.pt`` the latest checkpoint (model, optimizer, scheduler, step), written only from a
+  finite state, to a temporary name, fsynced, then moved into place;
+* ``checkpoint.prev.pt`` the checkpoint before it, kept so that a damaged ``checkpoint.pt`` still
+  leaves a good one to resume from (a warning says so);
+* ``result.json``   written last, when the run finished: final validation loss, tokens, time;
+* ``muonlab.lock``  present while a run holds the folder (it holds the run's pid): a second run
+  on the same folder stops at once with an error naming the pid (see :class:`RunFolder`).
 
 A run stopped at step K and resumed from its checkpoint produces bit-identical losses to an
 uninterrupted run (on CPU): the data order is a pure function of (seed, step) and every piece of
@@ -15,24 +20,50 @@ state that influences the next step is in the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+
+try:  # POSIX advisory locks; the kernel releases them when the holder exits, however it exits
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 from .data import Corpus, load_corpus
 from .model import GPT, GPTConfig
 from .zoo import build_optimizer, get_entry
 
 SCHEDULES = ("cosine", "wsd", "constant")
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+LOCK_FILE = "muonlab.lock"
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "train_time_s", "rng", "config_key")
+
+
+class LabError(RuntimeError):
+    """A failure of a lab run that is not a bug: a busy folder, a damaged checkpoint, a full disk.
+    The message says what is wrong and names the file or folder; the command line prints it as one
+    line ``muonlab CMD: error: ...`` and exits with status 1."""
+
+
+class RunFolderBusy(LabError):
+    """Another process holds the run folder's lock."""
+
+
+class CheckpointError(LabError):
+    """No checkpoint of the run folder can be read back."""
 
 
 @dataclass
@@ -66,13 +97,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_entry(self.optimizer)
-        GPTConfig.from_name(self.model, **self.model_overrides)
+        mcfg = GPTConfig.from_name(self.model, **self.model_overrides)
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)
+                                         or self.seq_len < 1):
+            raise ValueError(f"seq_len must be a positive integer, got {self.seq_len!r}")
+        if self.seq_len is not None and self.seq_len > mcfg.seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the {self.model} model's context length {mcfg.seq_len}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {list(SCHEDULES)}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -131,16 +165,362 @@ def environment() -> dict[str, Any]:
     }
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every platform opens folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_temporary(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write ``path.tmp`` with ``write(binary file)`` and fsync it; on any failure (a full disk, an
+    interrupt) the temporary file is removed before the exception goes on. Returns the temporary path."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from exc  # say which file the disk refused
+        raise
+    return tmp
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: a reader sees the old file or the new one, and a
+    failed write leaves the old file and no temporary file behind."""
+    _replace(_write_temporary(Path(path), lambda fh: fh.write(data)), Path(path))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    path = Path(path)
+    _replace(_write_temporary(path, lambda fh: torch.save(obj, fh)), path)
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """``json.loads`` of a file whose errors name the file (a bare JSONDecodeError names nothing)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} {path} is damaged (not valid JSON: {exc}); delete it or rewrite it") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: created, locked against a second run, tidied when a run fails before any result
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 64).decode("ascii", errors="replace").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunFolder:
+    """An output folder held by one run: ``with RunFolder(path, useful=...):``.
+
+    On entry the folder (and any missing parent) is created and ``path/muonlab.lock`` is locked
+    (``flock``) with this process's pid written in it. A second run on the same folder, in this
+    process or another, fails at once with :class:`RunFolderBusy` naming the folder and the
+    holder's pid. The kernel drops the lock when its holder exits, however it exits, so a lock file
+    left behind by a killed run is taken over (with a warning naming the dead pid). On exit the lock
+    is released and its file removed, on success and on exceptions alike.
+
+    If the body raises and this call created the folder, and ``useful(path)`` says nothing worth
+    keeping was written (no checkpoint, no result, no training step), the folder is removed again,
+    as are the parents this call created, if they are empty. A folder that existed before is never
+    removed, nor anything in it.
+
+    ``active=False`` (the non-zero ranks of a parallel run, which write elsewhere) does nothing.
+    """
+
+    def __init__(self, path: str | Path, *, useful: Optional[Callable[[Path], bool]] = None, active: bool = True):
+        self.path = Path(path)
+        self.useful = useful
+        self.active = active
+        self.created: list[Path] = []  # the folders this call created, outermost first
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunFolder":
+        if not self.active:
+            return self
+        self._create()
+        try:
+            self._lock()
+        except BaseException:
+            self._remove_created(everything=False)
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.active:
+            return
+        self._unlock()
+        if exc_type is not None and self.created and not (self.useful and self._safe_useful()):
+            self._remove_created(everything=True)
+
+    # -- creation
+    def _create(self) -> None:
+        path = self.path
+        missing, p = [], path
+        while not p.exists() and not p.is_symlink():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        if p.exists() and not p.is_dir():
+            if p == path:
+                raise ValueError(f"output folder {path} is a file, not a folder; choose another --out")
+            raise ValueError(f"cannot create the output folder {path}: {p} is a file, not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.created = [d for d in reversed(missing) if d.is_dir()]
+            self._remove_created(everything=False)
+            raise LabError(f"cannot create the output folder {path}: {exc.strerror or exc}") from exc
+        self.created = list(reversed(missing))
+
+    def _safe_useful(self) -> bool:
+        try:
+            return bool(self.useful(self.path)) if self.useful else False
+        except OSError:
+            return True  # when in doubt, keep it
+
+    def _remove_created(self, everything: bool) -> None:
+        """Remove what this call created: the run folder with its content (only when ``everything``:
+        this run made it and wrote everything in it) and then the empty parents it created."""
+        if not self.created:
+            return
+        if everything:
+            shutil.rmtree(self.path, ignore_errors=True)
+        for d in reversed(self.created):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only succeeds on an empty folder
+        self.created = []
+
+    # -- the lock
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
+
+    def _lock(self) -> None:
+        lock = self.lock_path
+        if fcntl is None:  # pragma: no cover - no flock on this platform
+            warnings.warn("muonlab: run-folder locking needs fcntl (POSIX); two runs on one --out are not "
+                          "detected on this platform", stacklevel=3)
+            return
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise LabError(f"cannot write to the output folder {self.path}: {exc.strerror or exc}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                who = f"pid {holder}" if holder else "a process that has not written its pid yet"
+                raise RunFolderBusy(
+                    f"{self.path} is in use by another muonlab run ({who}, lock file {lock}); wait for it to "
+                    "finish, stop it, or choose another --out") from None
+            except OSError:
+                os.close(fd)
+                raise
+            # the previous holder removes the file as it lets go: make sure we locked the file on disk
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = _read_pid(fd)
+        if old is not None and old != os.getpid():
+            state = "no longer running" if not _pid_alive(old) else "running but no longer holding it"
+            warnings.warn(f"{self.path}: taking over a stale lock left by pid {old} ({state}; the run was "
+                          "killed or crashed)", stacklevel=3)
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            raise LabError(f"cannot write to the output folder {self.path}: {exc.strerror or exc}") from exc
+        self._fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.lock_path)):
+                    self.lock_path.unlink()  # before letting go, so a waiter re-checks the file (see _lock)
+        finally:
+            os.close(fd)
+
+
+def _run_has_progress(run_dir: Path) -> bool:
+    """Whether a failed run wrote something worth keeping: a checkpoint, a result, a training step."""
+    if any((run_dir / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT, "result.json")):
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and '"kind": "train"' in metrics.read_text(errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written only from a finite state; the previous one kept until the new one is on disk
+# ----------------------------------------------------------------------------------------------
+
+
+def _first_nonfinite(model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, t in model_sd.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"model tensor {name}"
+
+    def walk(obj: Any, where: str) -> Optional[str]:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                return where
+            return None
+        if isinstance(obj, dict):
+            items: Any = obj.items()
+        elif isinstance(obj, (list, tuple)):
+            items = enumerate(obj)
+        else:
+            return None
+        for k, v in items:
+            found = walk(v, f"{where}[{k!r}]")
+            if found:
+                return found
+        return None
+
+    return walk(optim_sd.get("state", {}), "optimizer state")
+
+
+def save_checkpoint(ckpt: dict[str, Any], run_dir: Path) -> None:
+    """Write ``checkpoint.pt`` so that a good checkpoint is on disk at every moment: the new one is
+    written to ``checkpoint.pt.tmp`` and fsynced; only then does the current one become
+    ``checkpoint.prev.pt`` and the new one take its name. A failed write (disk full) removes the
+    temporary file and leaves both earlier checkpoints as they were."""
+    path, prev = run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT
+    try:
+        tmp = _write_temporary(path, lambda fh: torch.save(ckpt, fh))
+        if path.exists():
+            os.replace(path, prev)
+        _replace(tmp, path)
+    except OSError as exc:
+        raise LabError(f"cannot write the checkpoint {path}: {exc.strerror or exc}; the previous checkpoint "
+                       "is kept") from exc
+
+
+def _why_unreadable(path: Path, exc: BaseException) -> str:
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """Load and check one checkpoint file; raises ValueError saying what is wrong with it."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, an empty file: each library error differs
+        raise ValueError(f"{path} is unreadable ({_why_unreadable(path, exc)})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise ValueError(f"{path} is not a muonlab checkpoint (missing {', '.join(missing)})")
+    bad = _first_nonfinite(ckpt["model"], ckpt["optimizer"])
+    if bad:
+        raise ValueError(f"{path} holds non-finite values ({bad})")
+    return ckpt
+
+
+def load_checkpoint(run_dir: Path, device: torch.device) -> Optional[tuple[dict[str, Any], Path]]:
+    """The newest good checkpoint of ``run_dir`` and its path, or None when there is none.
+
+    A damaged ``checkpoint.pt`` (truncated, empty, not a checkpoint, non-finite) falls back to
+    ``checkpoint.prev.pt`` with a warning naming both files; when no checkpoint can be read,
+    :class:`CheckpointError` says which files and why."""
+    path, prev = run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT
+    problems = []
+    for p in (path, prev):
+        if not p.exists():
+            continue
+        try:
+            ckpt = _read_checkpoint(p, device)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if p == prev:
+            why = problems[0] if problems else f"{path} is missing"
+            warnings.warn(f"{why}; resuming from the previous checkpoint {prev} (step {int(ckpt['step'])})",
+                          stacklevel=3)
+        return ckpt, p
+    if problems:
+        raise CheckpointError(f"cannot resume the run in {run_dir}: " + "; ".join(problems)
+                              + ". Delete the damaged file(s) to start the run over (muonlab train: --no-resume)")
+    return None
+
+
+def _read_result(path: Path) -> Optional[dict[str, Any]]:
+    """A finished run's result.json, or None; a damaged one is ignored with a warning naming it
+    (the run then finishes again from its checkpoint and rewrites it)."""
+    if not path.exists():
+        return None
+    try:
+        done = read_json(path, "result file")
+    except (ValueError, OSError) as exc:
+        warnings.warn(f"{exc}; ignoring it and finishing the run again from its checkpoint", stacklevel=3)
+        return None
+    if not isinstance(done, dict):
+        warnings.warn(f"result file {path} is damaged (not a JSON object); ignoring it and finishing the run again "
+                      "from its checkpoint", stacklevel=3)
+        return None
+    return done
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -211,28 +591,41 @@ def train(
     ``stop_after=K`` stops after K optimizer steps as if interrupted (a checkpoint is written),
     which a later call with ``resume=True`` continues. ``parallel`` (``"none"``, ``"ddp"``,
     ``"fsdp"``) trains data-parallel under torchrun (see :mod:`muonlab.lab.parallel`).
-    """
-    from tqdm.auto import tqdm
 
+    The run folder is locked while the run holds it (:class:`RunFolder`); a run that fails before
+    its first training step leaves no folder behind if it created the folder. A non-finite loss or
+    a non-finite state at a checkpoint stops the run with ``FloatingPointError`` and keeps the last
+    good checkpoint.
+    """
     cfg.validate()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result_path = run_dir / "result.json"
-    ckpt_path = run_dir / "checkpoint.pt"
-    if resume and result_path.exists():
-        done = json.loads(result_path.read_text())
-        if done.get("config_key") == cfg.key():
+    if resume:
+        done = _read_result(run_dir / "result.json")
+        if done is not None and done.get("config_key") == cfg.key():
             return done
     device = resolve_device(cfg.device)
     # --- parallel (issue 6): process group, this rank's device; only rank 0 writes and prints
     from .parallel import setup as setup_parallel
 
     par = setup_parallel(parallel, device)
+    try:
+        with RunFolder(run_dir, useful=_run_has_progress, active=par.is_main):  # only rank 0 writes there
+            return _train(cfg, run_dir, par, resume=resume, progress=progress, stop_after=stop_after,
+                          corpus=corpus, log=log)
+    finally:
+        par.close()  # parallel (issue 6)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress: bool, stop_after: Optional[int],
+           corpus: Optional[Corpus], log: Any) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     device, wdir = par.device, par.out_dir(run_dir)
     progress, log = progress and par.is_main, log if par.is_main else None
     # --- end parallel
     autocast = device.type == "cuda"
     entry = get_entry(cfg.optimizer)
+    lr_shown = cfg.lr if cfg.lr is not None else entry.lr_for(cfg.model)
 
     corpus = corpus or load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
     mcfg = GPTConfig.from_name(cfg.model, **cfg.model_overrides)
@@ -258,16 +651,20 @@ def train(
     val_batches = corpus.val_batches(cfg.batch_size, seq_len, cfg.eval_batches)
 
     start_step, train_time = 0, 0.0
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    # every rank reads the same file (rank 0 wrote it); a damaged checkpoint.pt falls back to checkpoint.prev.pt
+    loaded = load_checkpoint(run_dir, device) if resume else None
+    if loaded is not None:
+        ckpt, ckpt_file = loaded
         if ckpt.get("config_key") != cfg.key():
             raise ValueError(
-                f"{ckpt_path} was written by a different configuration; use a new output folder or delete it"
+                f"{ckpt_file} was written by a different configuration; use a new output folder or delete it"
             )
         par.load(model, opt, ckpt["model"], ckpt["optimizer"])  # parallel (issue 6): plain load when "none"
         sched.load_state_dict(ckpt["scheduler"])
         start_step, train_time = int(ckpt["step"]), float(ckpt["train_time_s"])
         torch.set_rng_state(ckpt["rng"])
+        del ckpt
+    last_good = start_step if loaded is not None else None  # the step of the newest checkpoint on disk
     metrics = _Metrics(wdir / "metrics.jsonl", start_step if start_step else None)
     atomic_write_text(
         wdir / "config.json",
@@ -292,22 +689,39 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not interactive, desc=f"{cfg.optimizer}", unit="step",
                dynamic_ncols=True, leave=False)
 
+    def kept() -> str:
+        if last_good is None:
+            return "no checkpoint was written yet"
+        return f"the checkpoint of step {last_good} is kept in {run_dir / CHECKPOINT}"
+
+    def diverged(what: str, value: float, step: int) -> FloatingPointError:
+        return FloatingPointError(f"{what} became {value} at step {step} with {cfg.optimizer} lr={lr_shown:g}; "
+                                  f"lower the learning rate ({kept()})")
+
     def checkpoint(step: int) -> None:
+        nonlocal last_good
         model_sd, optim_sd = par.state(model, opt)  # parallel (issue 6): full state dicts, a collective
+        bad = _first_nonfinite(model_sd, optim_sd) if par.is_main else None
+        # parallel (issue 6): only rank 0 holds the full state; every rank learns its verdict
+        if par.mean(1.0 if bad else 0.0) > 0:
+            raise FloatingPointError(
+                f"{bad or 'a tensor of the model or optimizer state'} became non-finite by step {step} with "
+                f"{cfg.optimizer} lr={lr_shown:g}, so no checkpoint was written; lower the learning rate ({kept()})")
         if par.is_main:
-            atomic_torch_save(
+            save_checkpoint(
                 {"model": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
                  "step": step, "train_time_s": train_time, "rng": torch.get_rng_state(), "config_key": cfg.key()},
-                ckpt_path,
+                run_dir,
             )
+        last_good = step
         par.barrier()
 
-    if start_step == 0:
-        last_val = evaluate(model, val_batches, device, autocast)
-        metrics.write({"kind": "eval", "step": 0, "tokens": 0, "time_s": 0.0, "val_loss": last_val})
-    model.train()
     step = start_step
     try:
+        if start_step == 0:
+            last_val = evaluate(model, val_batches, device, autocast)
+            metrics.write({"kind": "eval", "step": 0, "tokens": 0, "time_s": 0.0, "val_loss": last_val})
+        model.train()
         while step < cfg.steps:
             if stop_after is not None and step - start_step >= stop_after:
                 break
@@ -326,10 +740,7 @@ def train(
                 loss_sum += float(loss.detach())
             train_loss = par.mean(loss_sum / cfg.grad_accum)  # parallel (issue 6): the global batch's loss
             if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"training loss became {train_loss} at step {step + 1} with {cfg.optimizer} lr={cfg.lr}; "
-                    "lower the learning rate"
-                )
+                raise diverged("training loss", train_loss, step + 1)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lr_now = [g["lr"] for g in opt.param_groups]
@@ -356,6 +767,8 @@ def train(
                 tb.add_scalar("train/lr", float(lr_now[0]), step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 last_val = evaluate(model, val_batches, device, autocast)
+                if not math.isfinite(last_val):
+                    raise diverged("validation loss", last_val, step)
                 metrics.write({"kind": "eval", "step": step, "tokens": step * tokens_per_step, "time_s": train_time,
                                "val_loss": last_val})
                 if tb is not None:
@@ -372,12 +785,15 @@ def train(
                 f"loss {train_loss:.3f}" + (f" val {last_val:.3f}" if last_val is not None else "")
                 + f" {tokens_per_step / dt / 1e3:.1f}k tok/s"
             )
+        if step >= cfg.steps and last_val is None:
+            # resumed from the final checkpoint (the run stopped before writing result.json): the
+            # evaluation is deterministic, so this gives the value the run logged at its last step
+            last_val = evaluate(model, val_batches, device, autocast)
     finally:
         bar.close()
         metrics.close()
         if tb is not None:
             tb.close()
-        par.close()  # parallel (issue 6)
 
     if step < cfg.steps:
         return {"finished": False, "step": step}
@@ -397,9 +813,8 @@ def train(
         "config_key": cfg.key(),
     }
     if result["step_ms"] is None:  # resumed: recompute from the per-step timings
-        rows = [json.loads(line) for line in (wdir / "metrics.jsonl").read_text().splitlines()]
-        ms = [r["step_ms"] for r in rows if r.get("kind") == "train"]
-        result["step_ms"] = sum(ms) / len(ms)
+        ms = [r["step_ms"] for r in read_metrics(wdir) if r.get("kind") == "train"]
+        result["step_ms"] = sum(ms) / len(ms) if ms else 1e3 * train_time / cfg.steps
     atomic_write_text(wdir / "result.json", json.dumps(result, indent=2))
     if log:
         log(f"{cfg.optimizer}: final val loss {last_val:.4f} after {result['tokens']:,} tokens in {train_time:.1f}s")
@@ -429,11 +844,18 @@ def _attention_kernel(entry: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl``, up to the first unreadable line. A torn last line (a
+    crash mid-write) is dropped quietly; a damaged line with rows after it is dropped with a warning
+    naming the file and the line, since the rows after it are lost too."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                warnings.warn(f"{path} is damaged at line {i + 1}; reading the {i} rows before it and "
+                              f"dropping {len(lines) - i} lines", stacklevel=2)
             break
     return rows

@@ -103,9 +103,37 @@ def test_cache_is_rebuilt_when_the_source_changes_or_is_damaged(tmp_path):
 
     with open(b.directory / "train.bin", "r+b") as fh:  # a damaged entry (wrong size) is rebuilt
         fh.truncate(10)
-    c = load_corpus(src, cache_dir=cache)
+    with pytest.warns(UserWarning, match=r"corpus cache .* is damaged \(.*train.bin holds 10 bytes"):
+        c = load_corpus(src, cache_dir=cache)
     assert not c.from_cache and c.meta["hash"] == b.meta["hash"]
     assert load_corpus(src, cache_dir=cache).from_cache
+
+
+def test_a_damaged_cache_file_of_the_right_size_is_caught_by_its_hash(tmp_path):
+    # issue 13: the cache was checked by size only, so flipped bytes were trained on while the run
+    # recorded the hash of the original corpus
+    src = write_texts(tmp_path / "texts")
+    cache = tmp_path / "cache"
+    good = load_corpus(src, cache_dir=cache)
+    original = bytes(good.train)
+    with open(good.directory / "train.bin", "r+b") as fh:
+        fh.seek(5)
+        fh.write(b"XXXX")
+    with pytest.warns(UserWarning, match=rf"corpus cache {good.directory} is damaged \(its content hash"):
+        again = load_corpus(src, cache_dir=cache)
+    assert not again.from_cache  # rebuilt from the source
+    assert bytes(again.train) == original
+    assert hashlib.sha256(bytes(again.train) + bytes(again.val)).hexdigest() == again.meta["hash"] == good.meta["hash"]
+    assert load_corpus(src, cache_dir=cache).from_cache  # the rebuilt entry passes the check
+
+
+def test_a_damaged_cache_description_is_rebuilt_with_a_warning(tmp_path):
+    src = write_texts(tmp_path / "texts")
+    good = load_corpus(src, cache_dir=tmp_path / "cache")
+    (good.directory / "meta.json").write_text("{not json")
+    with pytest.warns(UserWarning, match=r"is damaged \(cannot read .*meta.json: JSONDecodeError"):
+        again = load_corpus(src, cache_dir=tmp_path / "cache")
+    assert not again.from_cache and again.meta["hash"] == good.meta["hash"]
 
 
 # --- user sources ---------------------------------------------------------------------------

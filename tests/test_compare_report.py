@@ -122,3 +122,48 @@ def test_interleaved_step_timing_runs_the_training_step_every_optimizer_needs(co
     ms = interleaved_step_ms(["sophia", "muon", "adamw"], kwargs["base"], steps=2, warmup=1)
     assert set(ms) == {"sophia", "muon", "adamw"}
     assert all(v > 0 for v in ms.values()), ms
+
+
+# --- reliability (issue 13) ---------------------------------------------------------------------
+
+
+def _hostile_summary() -> dict:
+    script = "<script>alert('x')</script>"
+    row = {"optimizer": f"muon{script}", "best_lr": 0.02, "final_val_loss": 1.5, "final_val_loss_std": script,
+           "seeds": 2, "tokens": script, "tokens_to_baseline": script, "speedup_tokens": script,
+           "wall_time_s": 1.0, "time_to_baseline_s": None, "speedup_time": None, "step_ms": 3.0,
+           "optimizer_state_bytes": script, "runs": [], "run_seeds": [], "sweep": []}
+    return {"baseline": f"adamw{script}", "target_val_loss": script, "optimizers": {"muon": row},
+            "config": {"model": f"tiny{script}", "steps": script}, "corpus": {"source": script}}
+
+
+def test_report_escapes_every_field_of_summary_json(tmp_path, monkeypatch):
+    from muonlab.lab import report
+
+    monkeypatch.setattr(report, "draw_plots", lambda out_dir, summary: {})  # this test is about the HTML
+    (tmp_path / "summary.json").write_text(json.dumps(_hostile_summary()))
+    page = report.write_report(tmp_path).read_text()
+    assert page.count("<script>") == 1  # the report's own script, nothing from the data
+    assert "alert('x')" not in page  # nowhere unescaped, inside the script tag or out
+    assert page.count("&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;") >= 8  # shown as text, every field
+
+
+def test_config_steps_alone_is_escaped(tmp_path, monkeypatch):
+    # the field the issue names: config.steps was the one value inserted without html.escape
+    from muonlab.lab import report
+
+    monkeypatch.setattr(report, "draw_plots", lambda out_dir, summary: {})
+    summary = {"baseline": "adamw", "target_val_loss": 1.6, "optimizers": {},
+               "config": {"model": "tiny", "steps": "<script>alert(1)</script>"}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    page = report.write_report(tmp_path).read_text()
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; steps per run" in page
+
+
+def test_a_damaged_summary_json_is_named(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text('{"baseline": "adamw", "optim')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("muonlab report: error: ")
+    assert f"summary file {tmp_path / 'summary.json'} is damaged (not valid JSON" in err

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .train import atomic_write_text, read_metrics
+from .train import atomic_write_text, read_json, read_metrics
 
 PLOTS = ("val_loss_vs_tokens", "val_loss_vs_time", "learning_rate", "muon_update_rms", "lr_sweep")
 
@@ -30,7 +30,11 @@ def load_summary(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "summary.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {out_dir} a folder written by `muonlab compare`?")
-    return json.loads(path.read_text())
+    summary = read_json(path, "summary file")
+    missing = [k for k in ("optimizers", "baseline", "target_val_loss") if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise ValueError(f"summary file {path} is not a `muonlab compare` summary (missing {', '.join(missing)})")
+    return summary
 
 
 def draw_plots(out_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
@@ -114,18 +118,26 @@ def _color(name: str, names: list[str]) -> str:
     return palette[names.index(name) % len(palette)]
 
 
+def _esc(v: Any) -> str:
+    """Every value that goes into the page goes through here: summary.json is data, not markup."""
+    return html.escape(str(v), quote=True)
+
+
 def _fmt(v: Any, kind: str = "") -> str:
+    """A number formatted for the table; anything else (a string in a hand-edited or foreign
+    summary.json) is shown as escaped text rather than trusted or crashed on."""
     if v is None:
         return "—"
-    if kind == "x":
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "x" and number:
         return f"{v:.2f}×"
-    if kind == "bytes":
+    if kind == "bytes" and number:
         return f"{v / 1024:,.1f} KiB"
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, int):
+    if number:
         return f"{v:,}"
-    return html.escape(str(v))
+    return _esc(v)
 
 
 def write_report(out_dir: str | Path) -> Path:
@@ -135,23 +147,29 @@ def write_report(out_dir: str | Path) -> Path:
     plots = draw_plots(out_dir, summary)
     rows = []
     for s in summary["optimizers"].values():
-        spread = f" ± {s['final_val_loss_std']:.4f}" if s.get("seeds", 1) > 1 else ""
+        std = s.get("final_val_loss_std")
+        spread = f" ± {_fmt(std)}" if isinstance(s.get("seeds", 1), int) and s.get("seeds", 1) > 1 else ""
+        ttb = s.get("tokens_to_baseline")
         rows.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in [
-                html.escape(s["optimizer"]), _fmt(s["best_lr"]), _fmt(s["final_val_loss"]) + spread, _fmt(s["tokens"]),
-                _fmt(None if s["tokens_to_baseline"] is None else round(s["tokens_to_baseline"])),
-                _fmt(s["speedup_tokens"], "x"), _fmt(s["wall_time_s"]),
-                _fmt(s["time_to_baseline_s"]), _fmt(s["speedup_time"], "x"), _fmt(s.get("step_ms_interleaved", s["step_ms"])),
-                _fmt(s["optimizer_state_bytes"], "bytes"),
+                _esc(s.get("optimizer")), _fmt(s.get("best_lr")), _fmt(s.get("final_val_loss")) + spread,
+                _fmt(s.get("tokens")), _fmt(round(ttb) if isinstance(ttb, (int, float)) else ttb),
+                _fmt(s.get("speedup_tokens"), "x"), _fmt(s.get("wall_time_s")),
+                _fmt(s.get("time_to_baseline_s")), _fmt(s.get("speedup_time"), "x"),
+                _fmt(s.get("step_ms_interleaved", s.get("step_ms"))),
+                _fmt(s.get("optimizer_state_bytes"), "bytes"),
             ]) + "</tr>"
         )
     figs = []
     for name in PLOTS:
         if name in plots:
             data = base64.b64encode(plots[name].read_bytes()).decode()
-            figs.append(f'<figure><img class="plot" alt="{name}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{name.replace('_', ' ')}</figcaption></figure>")
+            figs.append(f'<figure><img class="plot" alt="{_esc(name)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{_esc(name.replace('_', ' '))}</figcaption></figure>")
     cfg = json.dumps({k: summary.get(k) for k in ("config", "corpus", "environment")}, indent=2, default=str)
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    t = summary["target_val_loss"]
+    target = f"{t:.4f}" if isinstance(t, (int, float)) and not isinstance(t, bool) else _esc(t)
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>muonlab comparison</title>
 <style>
@@ -163,8 +181,8 @@ pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}
 </style></head>
 <body>
 <h1>muonlab: optimizer comparison</h1>
-<p>Model <b>{html.escape(str(summary['config']['model']))}</b>, {summary['config']['steps']} steps per run,
-baseline <b>{html.escape(summary['baseline'])}</b> (final validation loss {summary['target_val_loss']:.4f}).
+<p>Model <b>{_esc(config.get('model'))}</b>, {_fmt(config.get('steps'))} steps per run,
+baseline <b>{_esc(summary['baseline'])}</b> (final validation loss {target}).
 Token speed-up = baseline's tokens / tokens this optimizer needed to reach the baseline's final loss (same seed),
 read off its validation curve. Time speed-up = token speed-up × baseline step time / this step time, with step times
 measured by alternating the optimizers' training steps in one process (robust to background load); the separate
@@ -180,7 +198,7 @@ runs' wall clocks are in summary.json as <code>speedup_time_wallclock</code>.</p
 {chr(10).join(figs)}
 </div>
 <h2>Configuration and environment</h2>
-<pre id="config">{html.escape(cfg)}</pre>
+<pre id="config">{_esc(cfg)}</pre>
 <script>
 // lets a headless browser test confirm every plot decoded and rendered
 window.addEventListener('load', () => {{

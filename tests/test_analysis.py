@@ -250,3 +250,27 @@ def test_cli_spectrum_random_lowrank_writes_png_and_json(tmp_path):
     assert data["shape"] == [64, 32] and data["meta"]["kind"] == "random-lowrank"
     assert "rare" in data["caption"] and len(data["spectra"][0]["singular_values"]) == 32
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+    (["--seq-len", "100000"], "--seq-len 100000 exceeds the tiny model's context length 128"),
+])
+def test_cli_memory_rejects_impossible_batches(tmp_path, capsys, argv, message):
+    # issue 13: --batch-size 0 and --seq-len 100000 were accepted (the latter silently cut to 128)
+    from muonlab.cli import main
+
+    out = tmp_path / "mem.png"
+    assert main(["memory", "--model", "tiny", "--optimizers", "sgd", "--out", str(out), "--quiet", *argv]) == 2
+    assert capsys.readouterr().err == f"muonlab memory: error: {message}\n"
+    assert not out.exists()
+
+
+def test_memory_and_spectrum_functions_refuse_a_sequence_longer_than_the_context(tmp_path):
+    with pytest.raises(ValueError, match="sequence length 129 exceeds the tiny model's context length 128"):
+        memory.measure_entry("sgd", "tiny", seq_len=129)
+    with pytest.raises(ValueError, match="batch size must be a positive integer"):
+        memory.measure_all("tiny", ["sgd"], batch_size=0)
+    with pytest.raises(ValueError, match="seq_len 129 exceeds the tiny model's context length 128"):
+        spectrum.capture_lab_matrix(steps=1, seq_len=129, cache_dir=str(tmp_path))

@@ -168,3 +168,18 @@ def test_module_entry_point_help() -> None:
     assert res.returncode == 0, res.stderr
     for flag in ("--shape", "--steps", "--spectrum", "--plot", "--json", "--markdown"):
         assert flag in res.stdout
+
+
+@pytest.mark.parametrize("flag", ["--matrices", "--iterations", "--steps"])
+def test_fit_coefficients_zero_counts_are_clear_errors(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 13: --matrices 0 ended in a raw "torch.cat(): expected a non-empty list of Tensors"
+    assert main(["fit-coefficients", "--shape", "8x8", "--iterations", "2", "--quiet", flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"muonlab fit-coefficients: error: {flag} must be a positive integer, got 0\n"
+
+
+def test_fit_coefficients_function_rejects_no_matrices() -> None:
+    from muonlab.coefficients import fit_coefficients
+
+    with pytest.raises(ValueError, match="n_matrices must be >= 1"):
+        fit_coefficients((8, 8), 2, n_matrices=0, iterations=1, progress=False)

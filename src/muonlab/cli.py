@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 
 def _cmd_ns_convergence(args: argparse.Namespace) -> int:
@@ -52,6 +53,11 @@ def _cmd_fit_coefficients(args: argparse.Namespace) -> int:
     from muonlab.lab.tables import format_table
 
     shape = parse_shape(args.shape)
+    for flag, value in (("--steps", args.steps), ("--iterations", args.iterations), ("--matrices", args.matrices)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
     result = fit_coefficients(
         shape, args.steps, n_matrices=args.matrices, iterations=args.iterations, lr=args.lr, seed=args.seed,
         progress=not args.quiet,
@@ -105,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fit_coefficients)
 
     _register_more(sub)
+    # --debug before or after the command name: a failure then shows Python's traceback
+    debug_help = "on failure, show the Python traceback instead of a one-line error"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
@@ -117,20 +128,65 @@ def _register_more(sub: argparse._SubParsersAction) -> None:
     register_analysis(sub)
 
 
+def _os_error_message(exc: OSError) -> str:
+    """``No space left on device: /run/checkpoint.pt.tmp`` rather than ``[Errno 28] ...``."""
+    if exc.strerror and exc.filename is not None:
+        where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{exc.strerror}: {where}"
+    return str(exc) or type(exc).__name__
+
+
+def describe_failure(exc: BaseException) -> tuple[int, str]:
+    """(exit status, one-line message) for an exception that ended a command.
+
+    2: the input was wrong (a bad value, a missing file, a missing optional package);
+    1: the run failed (a busy folder, a damaged checkpoint, a full disk, a diverged run, anything else).
+    """
+    # the lab's own failure type, looked up only if the lab was imported (no heavy import here)
+    lab_error = getattr(sys.modules.get("muonlab.lab.train"), "LabError", None)
+    if isinstance(exc, FileNotFoundError):
+        code, msg = 2, (_os_error_message(exc) if exc.filename is not None else str(exc))
+    elif isinstance(exc, (ValueError, TypeError, ImportError)):
+        code, msg = 2, str(exc)
+    elif lab_error is not None and isinstance(exc, lab_error):
+        code, msg = 1, str(exc)
+    elif isinstance(exc, FloatingPointError):
+        code, msg = 1, f"training diverged: {exc}"
+    elif isinstance(exc, OSError):
+        code, msg = 1, _os_error_message(exc)
+    else:  # not a failure we know: say what it is, and where the full story is
+        code, msg = 1, f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+    return code, " ".join((msg or type(exc).__name__).split())  # one line, whatever the message held
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"muonlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"muonlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    prog = f"muonlab {args.command}"
+    debug = bool(getattr(args, "debug", False))
+
+    def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                         line: Optional[str] = None) -> None:
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        print(f"{prog}: warning: {kind}{' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        if not debug:  # --debug keeps Python's warnings, with file and line
+            warnings.showwarning = one_line_warning
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if debug:
+                raise
+            code, msg = describe_failure(exc)
+            print(f"{prog}: error: {msg}", file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -202,6 +202,11 @@ def fit_coefficients(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if isinstance(n_matrices, bool) or not isinstance(n_matrices, int) or n_matrices < 1:
+        raise ValueError(f"n_matrices must be >= 1 (random matrices whose singular values are fitted), "
+                         f"got {n_matrices!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
     gen = torch.Generator().manual_seed(seed)
     sigma = _sample_singular_values((int(shape[0]), int(shape[1])), n_matrices, gen)
     params = torch.tensor(init, dtype=torch.float64, requires_grad=True)

@@ -27,16 +27,79 @@ def _add_train_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# flags that take a count: 0 or less is an error, never "use the default" (issue 13)
+_POSITIVE_FLAGS = ("steps", "tokens", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                   "checkpoint_every", "max_corpus_bytes")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_positive(args: argparse.Namespace, names: tuple[str, ...] = _POSITIVE_FLAGS) -> None:
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"{_flag(name)} must be a positive integer, got {v}")
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    if getattr(args, "out", None) is not None and not str(args.out).strip():
+        raise ValueError("--out must name a folder, got an empty string")
+
+
+def parse_seeds(text: str, flag: str = "--seeds") -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2); anything else is an error that says what a seed list looks like."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{flag} needs at least one seed, e.g. {flag} 0,1; got {text!r}")
+    try:
+        seeds = tuple(int(t) for t in items)
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers >= 0, e.g. {flag} 0,1; got {text!r}") from None
+    if any(v < 0 for v in seeds):
+        raise ValueError(f"{flag} must be comma-separated integers >= 0, e.g. {flag} 0,1; got {text!r}")
+    dup = sorted({v for v in seeds if seeds.count(v) > 1})
+    if dup:
+        raise ValueError(f"{flag} lists seed {dup[0]} more than once: {text!r}")
+    return seeds
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        fractions = tuple(float(t) for t in items)
+    except ValueError:
+        fractions = ()
+    if not fractions or any(not (0 < f <= 1.5) for f in fractions):
+        raise ValueError(f"--fractions must be comma-separated numbers in (0, 1.5], e.g. 0.5,1.0; got {text!r}")
+    return fractions
+
+
 def _base_config(args: argparse.Namespace, default_steps: int) -> Any:
+    """The TrainConfig of the shared training flags. A flag given as 0 is an error (it used to mean
+    "the default"); --tokens sets the number of steps, and the evaluation and checkpoint intervals
+    that are not given follow the resulting number of steps."""
+    from muonlab.lab.compare import steps_for_tokens
+    from muonlab.lab.model import GPTConfig
     from muonlab.lab.train import TrainConfig
 
-    steps = args.steps or default_steps
-    return TrainConfig(
-        model=args.model, steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-        schedule=args.schedule, warmup=args.warmup, eval_every=args.eval_every or max(1, steps // 10),
-        eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every or max(1, steps // 4),
-        data=args.data, max_corpus_bytes=args.max_corpus_bytes, device=args.device, tensorboard=args.tensorboard,
+    _check_positive(args)
+    _check_out(args)
+    if args.steps is not None and args.tokens is not None:
+        raise ValueError("give --steps or --tokens, not both")
+    cfg = TrainConfig(
+        model=args.model, steps=default_steps if args.steps is None else args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, grad_accum=args.grad_accum, schedule=args.schedule, warmup=args.warmup,
+        eval_batches=args.eval_batches, data=args.data, max_corpus_bytes=args.max_corpus_bytes, device=args.device,
+        tensorboard=args.tensorboard,
     )
+    if args.tokens is not None:
+        cfg.steps = steps_for_tokens(args.tokens, cfg, cfg.seq_len or GPTConfig.from_name(cfg.model).seq_len)
+    cfg.eval_every = max(1, cfg.steps // 10) if args.eval_every is None else args.eval_every
+    cfg.checkpoint_every = max(1, cfg.steps // 4) if args.checkpoint_every is None else args.checkpoint_every
+    cfg.validate()  # every remaining value error before any work or any folder
+    return cfg
 
 
 DEFAULT_COMPARE_STEPS = 600
@@ -46,8 +109,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from muonlab.lab.compare import compare
 
     base = _base_config(args, DEFAULT_COMPARE_STEPS)
-    seeds = tuple(int(s) for s in str(args.seeds).split(",") if s.strip())
-    compare(args.optimizers, base=base, tokens=args.tokens, sweep=args.sweep, seeds=seeds, out=args.out,
+    seeds = parse_seeds(args.seeds)
+    compare(args.optimizers, base=base, sweep=args.sweep, seeds=seeds, out=args.out,
             baseline=args.baseline, progress=not args.quiet)
     return 0
 
@@ -56,8 +119,8 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     from muonlab.lab.compare import efficiency
 
     base = _base_config(args, DEFAULT_COMPARE_STEPS)
-    fractions = tuple(float(f) for f in args.fractions.split(",") if f.strip())
-    seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    fractions = parse_fractions(args.fractions)
+    seeds = parse_seeds(args.seeds)
     efficiency(args.optimizer, args.baseline, base=base, fractions=fractions, sweep=not args.no_sweep, seeds=seeds,
                out=args.out, progress=not args.quiet)
     return 0
@@ -67,14 +130,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
 
-    from muonlab.lab.compare import steps_for_tokens
-    from muonlab.lab.model import GPTConfig
     from muonlab.lab.train import train
 
+    if args.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
     base = _base_config(args, DEFAULT_COMPARE_STEPS)
     cfg = replace(base, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
-    if args.tokens:
-        cfg.steps = steps_for_tokens(args.tokens, cfg, cfg.seq_len or GPTConfig.from_name(cfg.model).seq_len)
+    cfg.validate()
     out = Path(args.out) if args.out else Path("runs") / f"train-{args.optimizer}-{cfg.key()}"
     res = train(cfg, out, progress=not args.quiet, resume=not args.no_resume, log=print,
                 parallel=args.parallel)  # parallel (issue 6)

@@ -55,7 +55,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from muonlab.lab.tables import format_table
     from muonlab.lab.zoo import parse_optimizer_list
 
-    GPTConfig.from_name(args.model)  # a clear error for an unknown size before any work
+    mcfg = GPTConfig.from_name(args.model)  # a clear error for an unknown size before any work
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len must be a positive integer, got {args.seq_len}")
+    if args.seq_len > mcfg.seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.model} model's context length {mcfg.seq_len}")
     names = None if args.optimizers in (None, "all") else parse_optimizer_list(args.optimizers)
     summary = model_summary(args.model)
     print(f"model {args.model}: {summary['parameters']:,} parameters, {summary['param_bytes']:,} bytes; one step per optimizer")
@@ -83,6 +89,10 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     )
     from muonlab.lab.tables import format_table
 
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--max-bytes", args.max_bytes), ("--rank", args.rank)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
     if args.random_lowrank:
         cap = random_lowrank(parse_shape(args.shape), rank=args.rank, noise=args.noise, seed=args.seed)
     else:

@@ -200,6 +200,19 @@ def _double_backward_ok() -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
+def check_step_shape(model_name: str, batch_size: int, seq_len: int) -> None:
+    """The measured step's batch must exist and fit the model's context (no silent clamping)."""
+    from muonlab.lab.model import GPTConfig
+
+    cfg = GPTConfig.from_name(model_name)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"sequence length must be a positive integer, got {seq_len!r}")
+    if seq_len > cfg.seq_len:
+        raise ValueError(f"sequence length {seq_len} exceeds the {model_name} model's context length {cfg.seq_len}")
+
+
 def measure_entry(name: str, model_name: str = "tiny", *, batch_size: int = 2, seq_len: int = 32,
                   seed: int = 0) -> MemoryRow:
     """Build zoo optimizer ``name`` for a fresh ``model_name`` GPT, take one real step, measure."""
@@ -207,6 +220,7 @@ def measure_entry(name: str, model_name: str = "tiny", *, batch_size: int = 2, s
     from muonlab.lab.zoo import build_optimizer, get_entry
 
     entry = get_entry(name)
+    check_step_shape(model_name, batch_size, seq_len)
     cfg = GPTConfig.from_name(model_name)
     torch.manual_seed(seed)
     model = GPT(cfg)
@@ -229,7 +243,6 @@ def measure_entry(name: str, model_name: str = "tiny", *, batch_size: int = 2, s
         return row
     row.optimizer_class = type(opt).__name__
     gen = torch.Generator().manual_seed(seed)
-    seq_len = min(seq_len, cfg.seq_len)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen)
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen)
     t0 = time.perf_counter()
@@ -264,6 +277,7 @@ def measure_all(model_name: str = "tiny", optimizers: Optional[Sequence[str]] = 
                 seq_len: int = 32, log: Any = None) -> list[MemoryRow]:
     from muonlab.lab.zoo import ZOO
 
+    check_step_shape(model_name, batch_size, seq_len)  # before the first entry, not inside each
     names = list(optimizers) if optimizers else list(ZOO)
     rows = []
     for name in names:

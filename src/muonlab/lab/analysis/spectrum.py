@@ -92,9 +92,13 @@ def capture_lab_matrix(
         raise ValueError(f"matrix must be 'grad' or 'momentum', got {matrix!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    corpus = load_corpus(data, max_bytes=max_bytes, cache_dir=cache_dir)
     cfg = GPTConfig.from_name(model_name)
-    seq_len = min(seq_len, cfg.seq_len)
+    for label, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{label} must be a positive integer, got {v!r}")
+    if seq_len > cfg.seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the {model_name} model's context length {cfg.seq_len}")
+    corpus = load_corpus(data, max_bytes=max_bytes, cache_dir=cache_dir)
     torch.manual_seed(seed)
     model = GPT(cfg)
     params = dict(model.named_parameters())

@@ -85,6 +85,35 @@ def _cmd_fit_coefficients(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_route(args: argparse.Namespace) -> int:
+    try:
+        from muonlab.integrations.hf import build_model, load_overrides
+    except ImportError:
+        raise ImportError(
+            "the route command builds models with transformers, which is not installed: "
+            "pip install 'muonlab[integrations]'"
+        ) from None
+    import transformers
+
+    from muonlab import Muon, muon_param_groups
+
+    views = {}
+    for item in args.view or []:
+        pattern, sep, view = item.partition("=")
+        if not sep or not pattern or not view:
+            raise ValueError(f"--view takes PATTERN=VIEW (e.g. '*.q_b_proj.weight=heads:16'), got {item!r}")
+        views[pattern] = view
+    overrides = load_overrides(args.config) if args.config else {}
+    model = build_model(args.arch, overrides, task=args.task, device="meta")  # shapes only: any size, no memory
+    groups = muon_param_groups(model, adamw=args.adamw or (), muon=args.muon or (), views=views)
+    n = sum(p.numel() for p in model.parameters())
+    name = args.arch or overrides.get("model_type")
+    print(f"{type(model).__name__} ({name}, transformers {transformers.__version__}): {n:,} parameters, "
+          "random, shapes only (built on the meta device)")
+    print(Muon(groups).routing_report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muonlab", description="Muon optimizer library and lab")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -109,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fit_coefficients)
+
+    p = sub.add_parser("route", help="routing report of a small random transformers model (needs muonlab[integrations])")
+    p.add_argument("--arch", help="a transformers model_type: llama, gpt2, bert, t5, vit, mixtral, qwen3_moe, deepseek_v3, mamba, ...")
+    p.add_argument("--config", metavar="JSON", help="config fields over the small defaults (a full config.json works: shapes only)")
+    p.add_argument("--task", default="auto", choices=["auto", "causal-lm", "seq2seq", "masked-lm", "image-classification", "base"],
+                   help="which head to build (default: auto)")
+    p.add_argument("--muon", action="append", metavar="PATTERN", help="route matching parameters to Muon (repeatable)")
+    p.add_argument("--adamw", action="append", metavar="PATTERN", help="route matching parameters to AdamW (repeatable)")
+    p.add_argument("--view", action="append", metavar="PATTERN=VIEW", help="a logical view, e.g. '*.q_b_proj.weight=heads:4'")
+    p.set_defaults(func=_cmd_route)
 
     _register_more(sub)
     # --debug before or after the command name: a failure then shows Python's traceback

@@ -171,12 +171,15 @@ def small_config(arch: str, overrides: Optional[dict[str, Any]] = None) -> Any:
     # per-stage lists such as Swin's num_heads); an unset num_key_value_heads stays unset (= MHA)
     sizes = {k: v for k, v in SMALL_SIZES.items()
              if isinstance(fields.get(k), int) and not isinstance(fields.get(k), bool)}
-    vocab = sizes.get("vocab_size")
-    if vocab is not None:  # special token ids of the real vocabulary would index past the small one
+    if "qk_rope_head_dim" in fields:  # MLA: head_dim is the rotary part, derived from qk_rope_head_dim
+        sizes.pop("head_dim", None)
+    merged = {**sizes, **(overrides or {})}
+    vocab = merged.get("vocab_size")
+    if isinstance(vocab, int):  # special token ids of the real vocabulary would index past the small one
         for key, value in fields.items():
-            if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
-                sizes[key] = min(value, vocab - 1) if key == "pad_token_id" else vocab - 1
-    return AutoConfig.for_model(arch, **{**sizes, **(overrides or {})})
+            if key.endswith("token_id") and key not in merged and isinstance(value, int) and value >= vocab:
+                merged[key] = vocab - 1
+    return AutoConfig.for_model(arch, **merged)
 
 
 TASKS = ("auto", "causal-lm", "seq2seq", "masked-lm", "image-classification", "base")

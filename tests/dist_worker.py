@@ -233,11 +233,17 @@ def main() -> None:
     scenarios, rank, world, port, outdir = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     ckpt_dir = sys.argv[6] if len(sys.argv) > 6 else None
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    import datetime
+
+    timeout = datetime.timedelta(seconds=float(os.environ.get("MUONLAB_TEST_PG_TIMEOUT", "300")))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timeout)
     try:
         for sc in scenarios:
             res = run_scenario(sc, rank, world, ckpt_dir)
             torch.save(res, os.path.join(outdir, f"{sc}_rank{rank}.pt"))
+            if sc == "stall":
+                os._exit(0)  # the group is broken on purpose: no barrier, no clean shutdown
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -248,6 +254,23 @@ def run_scenario(sc: str, rank: int, world: int, ckpt_dir) -> dict:
         parts = sc.split(":")
         extra = {"normuon": True, "rms": True} if "normuon" in parts[2:] else {}
         return layout_run(parts[1], rank, world, **extra)
+    if sc == "stall":  # the last rank stalls before a step: the others fail with a clear error, no hang
+        import time
+
+        model = make_model()
+        opt = make_optimizer(model)
+        train_steps(model, opt, rank, world, 0, 1, allreduce=True)
+        x, y = batch(1)
+        loss_fn(model, my_slice(x, rank, world), my_slice(y, rank, world)).backward()
+        if rank == world - 1:  # stalls after its backward, before the optimizer step
+            time.sleep(6)
+            os._exit(0)
+        t0 = time.perf_counter()
+        try:
+            opt.step()
+        except Exception as e:  # noqa: BLE001 - the test reads the type and message
+            return {"error": type(e).__name__, "message": str(e), "seconds": time.perf_counter() - t0}
+        return {"error": None}
     if sc == "real_fsdp_tp":
         return real_fsdp_tp(rank, world)
     if sc == "replicated":

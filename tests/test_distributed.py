@@ -47,14 +47,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenarios, world: int, out: Path, ckpt: Path | None = None, timeout: float = 180) -> dict:
+def launch(scenarios, world: int, out: Path, ckpt: Path | None = None, timeout: float = 180, env: dict | None = None,
+           ranks: list[int] | None = None) -> dict:
     """Run the worker on ``world`` ranks; returns {scenario: [params of rank 0, rank 1, ...]}.
 
     A hang (a rank waiting in a collective the others never call) fails the test at ``timeout``.
     """
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     args = [",".join(scenarios), None, str(world), str(port), str(out)] + ([str(ckpt)] if ckpt else [])
     procs = []
     for rank in range(world):
@@ -71,7 +72,8 @@ def launch(scenarios, world: int, out: Path, ckpt: Path | None = None, timeout: 
         pytest.fail(f"distributed run {scenarios} at world size {world} did not finish in {timeout}s (hang?)")
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
-    return {sc: [torch.load(out / f"{sc}_rank{r}.pt") for r in range(world)] for sc in scenarios}
+    return {sc: [torch.load(out / f"{sc}_rank{r}.pt") for r in (ranks if ranks is not None else range(world))]
+            for sc in scenarios}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -284,6 +286,15 @@ def test_hsdp_spreads_owners_over_replicas(runs, world):
     assert owners == set(range(world))
     for _, _, _, holders, sources in plan["owners"]:
         assert len(sources) <= max(1, len(holders) // 2)
+
+
+def test_stalled_rank_fails_the_others_with_a_clear_error(tmp_path):
+    """A rank that stops answering (here: sleeps) makes the others raise CollectiveError naming
+    the collective, their rank and the process group's timeout, within about that timeout."""
+    res = launch(("stall",), 2, tmp_path, env={"MUONLAB_TEST_PG_TIMEOUT": "3"}, ranks=[0], timeout=60)["stall"][0]
+    assert res["error"] == "CollectiveError", res
+    assert "failed on rank 0 of 2" in res["message"] and "timeout of 3 s" in res["message"], res["message"]
+    assert res["seconds"] < 10
 
 
 # ---------------------------------------------------------------------- checkpoints (DCP)

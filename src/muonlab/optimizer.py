@@ -650,8 +650,8 @@ class Muon(Optimizer):
             hi, total = t[:, :3].contiguous(), t[:, 3].contiguous()
             dev = _dist.comm_device(pg)
             hi, total = hi.to(dev), total.to(dev)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=pg)
-            dist.all_reduce(total, group=pg)
+            _dist.collective("the statistics all_reduce", lambda: dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=pg), pg)
+            _dist.collective("the statistics all_reduce", lambda: dist.all_reduce(total, group=pg), pg)
             for (group, name, p, _, _), h, sq in zip(pending, hi.tolist(), total.tolist()):
                 stats[name] = {"ortho_residual": h[0], "sv_min": -h[2], "sv_max": h[1],
                                "update_rms": math.sqrt(sq / max(1, p.numel())) * _scalar(group["lr"])}
@@ -712,7 +712,7 @@ class Muon(Optimizer):
                 r0 = offsets[m.entry] + rows_of[(m.entry, m.index)]
                 flat_mask[r0:r0 + m.box.logical_shape[0]] = 1.0
         flat = torch.cat(parts) * flat_mask
-        dist.all_reduce(flat, group=pg)
+        _dist.collective("the NorMuon state all_reduce", lambda: dist.all_reduce(flat, group=pg), pg)
         for ei, (group, _, p, _, _) in enumerate(pending):
             if group["normuon"]:
                 v = self.state[p]["normuon_v"]

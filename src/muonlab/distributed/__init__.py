@@ -23,14 +23,14 @@ issues the same collectives in the same order and nothing hangs when a rank lack
 :class:`muonlab.Muon` calls this; without an initialized process group it never does.
 """
 
-from .common import agree, comm_device, is_dtensor, local, matrix_cost, resolve_group
+from .common import CollectiveError, agree, collective, comm_device, is_dtensor, local, matrix_cost, resolve_group
 from .layout import Layout, check_replicas, is_submesh, layout_of, shard_indices
 from .plan import MatrixPlan, Piece, ShardPlan, assign_owners, build_plan
-from .redistribute import CollectiveError, redistribute
+from .redistribute import redistribute
 
 __all__ = [
     "agree", "comm_device", "is_dtensor", "local", "matrix_cost", "resolve_group",
     "Layout", "check_replicas", "is_submesh", "layout_of", "shard_indices",
     "MatrixPlan", "Piece", "ShardPlan", "assign_owners", "build_plan",
-    "CollectiveError", "redistribute",
+    "collective", "redistribute",
 ]

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .common import collective
 from .plan import MatrixPlan, Piece, Sel, ShardPlan
 
 Job = tuple[MatrixPlan, Tensor, Tensor]  # (matrix, source (a, b), destination (a, b) to write)
@@ -54,18 +55,9 @@ def put(t: Tensor, sel: tuple[Sel, ...], values: Tensor) -> None:
         t[idx] = values
 
 
-class CollectiveError(RuntimeError):
-    """A collective of the sharded Muon step failed or timed out (a peer rank stalled or died)."""
-
-
 def _all_to_all(out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group: Any, what: str) -> None:
-    try:
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-    except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        raise CollectiveError(
-            f"sharded Muon step: all_to_all ({what}) failed on rank {rank} of {world}: {e}. A peer rank "
-            "probably stalled or died; the process group's timeout bounds the wait") from e
+    collective(f"all_to_all ({what})",
+               lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=group), group)
 
 
 def redistribute(

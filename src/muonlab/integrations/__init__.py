@@ -12,7 +12,12 @@ importing this package imports neither. Wrapped models (torch.compile, DDP, FSDP
 integration: :func:`muonlab.muon_param_groups` routes through the wrappers itself.
 """
 
-from ..routing import ParamGroups
+from typing import Any, Optional
+
+from torch import nn
+
+from ..optimizer import Muon
+from ..routing import ParamGroups, muon_param_groups
 
 INSTALL_HINT = "pip install 'muonlab[integrations]'"
 
@@ -44,13 +49,37 @@ def split_decay(groups: list, weight_decay: float) -> ParamGroups:
     return out
 
 
-def group_lrs(optimizer) -> dict:
+def group_lrs(optimizer: Any, logged_lr: Optional[float] = None) -> dict:
     """``{"muon": lr, "adamw": lr, ...}``: the first group's lr of each algorithm (a scheduler scales
-    every group by the same factor, so one value per algorithm says it all)."""
+    every group by the same factor, so one value per algorithm says it all).
+
+    ``logged_lr``: the lr a trainer logged for the first group. Trainers log the lr the last step
+    used, read before the scheduler moved on; with it, each algorithm's lr is that step's too
+    (``logged_lr * initial_lr / first group's initial_lr``)."""
+    groups = list(getattr(optimizer, "param_groups", []))
+    as_float = lambda v: float(v.item()) if hasattr(v, "item") else float(v)  # noqa: E731
+    scale = None
+    if logged_lr is not None and groups and all("initial_lr" in g for g in groups):
+        first = as_float(groups[0]["initial_lr"])
+        if first > 0:
+            scale = logged_lr / first
     out: dict = {}
-    for g in getattr(optimizer, "param_groups", []):
+    for g in groups:
         alg = g.get("algorithm")
         if alg is not None and alg not in out:
-            lr = g["lr"]
-            out[alg] = float(lr.item()) if hasattr(lr, "item") else float(lr)
+            out[alg] = as_float(g["initial_lr"]) * scale if scale is not None else as_float(g["lr"])
     return out
+
+
+ROUTING_KEYS = ("adamw", "muon", "head", "views", "nonmatrix")
+
+
+def build_optimizer(model: nn.Module, *, weight_decay: float = 0.0, **kwargs: Any) -> Muon:
+    """:class:`muonlab.Muon` over ``model`` as the trainer integrations build it: routed by
+    :func:`muonlab.muon_param_groups` (keys ``adamw``, ``muon``, ``head``, ``views``, ``nonmatrix``
+    go there), groups named and split by :func:`split_decay` with ``weight_decay``; every other
+    keyword is a :class:`muonlab.Muon` option."""
+    routing = {k: kwargs.pop(k) for k in ROUTING_KEYS if k in kwargs}
+    groups = split_decay(muon_param_groups(model, **routing), weight_decay)
+    kwargs.setdefault("adamw_weight_decay", weight_decay)
+    return Muon(groups, **kwargs)

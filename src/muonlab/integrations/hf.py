@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from . import INSTALL_HINT, group_lrs, split_decay
+from . import INSTALL_HINT, build_optimizer, group_lrs
 
 try:
     import transformers
@@ -34,9 +34,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"muonlab.integrations.hf needs transformers: {INSTALL_HINT} ({exc})") from exc
 
-from .. import Muon, muon_param_groups
-
-ROUTING_KEYS = ("adamw", "muon", "head", "views", "nonmatrix")
+from .. import Muon
 
 # ---------------------------------------------------------------------- the Trainer
 
@@ -48,15 +46,6 @@ class MuonFactory:
 
     def __call__(self, model: nn.Module, **kwargs: Any) -> Muon:
         return build_optimizer(model, **kwargs)
-
-
-def build_optimizer(model: nn.Module, *, weight_decay: float = 0.0, **kwargs: Any) -> Muon:
-    """``Muon`` over ``model``: routed by :func:`muonlab.muon_param_groups` (routing keys ``adamw``,
-    ``muon``, ``head``, ``views``, ``nonmatrix``), ``weight_decay`` on Muon and AdamW's 2-D+ tensors."""
-    routing = {k: kwargs.pop(k) for k in ROUTING_KEYS if k in kwargs}
-    groups = split_decay(muon_param_groups(model, **routing), weight_decay)
-    kwargs.setdefault("adamw_weight_decay", weight_decay)
-    return Muon(groups, **kwargs)
 
 
 def muon_optimizer(args: Any = None, **muon_kwargs: Any) -> tuple[type, dict[str, Any]]:
@@ -93,7 +82,7 @@ class LogGroupLRs(TrainerCallback):
                **kwargs: Any) -> None:
         if not logs or "learning_rate" not in logs or optimizer is None:
             return
-        extra = {f"learning_rate_{alg}": lr for alg, lr in group_lrs(optimizer).items()}
+        extra = {f"learning_rate_{alg}": lr for alg, lr in group_lrs(optimizer, logs["learning_rate"]).items()}
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("learning_rate") == logs["learning_rate"]:
             state.log_history[-1].update(extra)
@@ -125,7 +114,7 @@ class MuonTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "learning_rate" in logs and self.optimizer is not None:
-            logs.update({f"learning_rate_{alg}": lr for alg, lr in group_lrs(self.optimizer).items()})
+            logs.update({f"learning_rate_{alg}": lr for alg, lr in group_lrs(self.optimizer, logs["learning_rate"]).items()})
         super().log(logs, *args, **kwargs)
 
 

@@ -102,10 +102,15 @@ def test_fp32_error_bounds(kind: str, method: str, kwargs: dict) -> None:
 
 
 def test_svd_exact_in_fp32_on_gaussian() -> None:
+    eps = torch.finfo(torch.float32).eps
     for shape in [(64, 128), (96, 96), (128, 32)]:
         G = randn(*shape, seed=7)
+        s = torch.linalg.svdvals(G)
+        kappa = float(s[0] / s[-1])
         assert rel_err(orthogonalize(G.float(), "svd"), polar_ref(G)) < 2e-6
-        assert rel_err(orthogonalize(G.float(), "svd_inv_sqrt"), polar_ref(G)) < 1e-4
+        # G (GᵀG)^(-1/2) forms GᵀG, whose condition number is κ²: its fp32 error grows like κ²·eps
+        # (the square Gaussian has κ ≈ 219: measured 1.15e-4 on an AVX512 CPU, < 1e-4 on another)
+        assert rel_err(orthogonalize(G.float(), "svd_inv_sqrt"), polar_ref(G)) < max(2e-6, 0.05 * kappa**2 * eps)
 
 
 def test_svd_accurate_on_ill_conditioned_fp32() -> None:
@@ -347,7 +352,9 @@ def test_input_not_modified_and_noncontiguous_ok() -> None:
     for method in METHODS:
         out = orthogonalize(Gt, method)
         assert out.is_contiguous()
-        torch.testing.assert_close(out, orthogonalize(Gt.contiguous(), method), rtol=0, atol=1e-6)
+        # BLAS may pick another kernel for a transposed layout: fp32 rounding differs (measured
+        # up to 1.03e-6 on entries of size ~0.1, on an AVX512 CPU), so a few eps, not bit equality
+        torch.testing.assert_close(out, orthogonalize(Gt.contiguous(), method), rtol=0, atol=5e-6)
         assert torch.equal(G, before)
 
 

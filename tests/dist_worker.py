@@ -128,12 +128,14 @@ def train_steps(model, opt, rank, world, start, steps, *, allreduce=False, nogra
         opt.zero_grad()
 
 
-def fsdp_model(world: int) -> nn.Module:
+def fsdp_model(world: int, hsdp: bool = False) -> nn.Module:
+    """FSDP2 on a 1-D mesh, or (``hsdp``) on a (2, world / 2) mesh: HSDP's (Replicate, Shard(0))."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = make_model()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
+            else init_device_mesh("cpu", (world,)))
     fully_shard(model, mesh=mesh)
     return model
 
@@ -303,11 +305,12 @@ def run_scenario(sc: str, rank: int, world: int, ckpt_dir) -> dict:
         st = opt.state[dict(model.named_parameters())["b.weight"]]
         assert type(st["momentum_buffer"]).__name__ == "DTensor", type(st["momentum_buffer"])
         return full_params(model)
-    if sc in ("ckpt_save", "ckpt_load"):
+    if sc.split(":")[0] in ("ckpt_save", "ckpt_load"):  # ckpt_save[:hsdp]: on a 2-D mesh
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model = fsdp_model(world)
+        model = fsdp_model(world, hsdp=sc.endswith(":hsdp"))
+        sc = sc.split(":")[0]
         opt = make_optimizer(model)
         if sc == "ckpt_save":  # train STEPS steps, save, train STEPS more
             train_steps(model, opt, rank, world, 0, STEPS)

@@ -332,6 +332,21 @@ def test_dcp_checkpoint_resume_across_world_sizes(tmp_path, save_world, load_wor
     assert max_diff(loaded[0], saved[0]) < TOL
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("save,load", [((4, "hsdp"), (4, "")), ((4, "hsdp"), (1, "")), ((1, ""), (4, "hsdp"))])
+def test_dcp_checkpoint_resume_across_meshes(tmp_path, save, load):
+    """DCP save on one mesh, load on another: HSDP 2x2 -> FSDP 4 -> 1 rank and back; the run
+    continues exactly like one that never stopped."""
+    ckpt = tmp_path / "ckpt"
+    sc_save = "ckpt_save" + (f":{save[1]}" if save[1] else "")
+    sc_load = "ckpt_load" + (f":{load[1]}" if load[1] else "")
+    saved = launch((sc_save,), save[0], tmp_path / "save", ckpt)[sc_save]
+    loaded = launch((sc_load,), load[0], tmp_path / "load", ckpt)[sc_load]
+    ref = W.reference(steps=2 * W.STEPS)
+    for got in saved + loaded:
+        assert max_diff(got, ref) < TOL
+
+
 # ---------------------------------------------------------------------- the lab: torchrun --parallel
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -693,30 +693,20 @@ class Muon(Optimizer):
         """Every rank keeps the whole NorMuon ``normuon_v`` of every parameter; the owner of a matrix
         updated its rows, so one all_reduce(SUM) of (rows owned by this rank, zeros elsewhere) gives
         every rank the exact new values."""
-        parts, masks = [], []
-        for ei, (group, _, p, _, _) in enumerate(pending):
-            if group["normuon"]:
-                v = self.state[p]["normuon_v"]
-                mask = torch.zeros_like(v)
-                parts.append(v)
-                masks.append(mask)
-        offsets = {}
-        base = 0
-        for ei, (group, _, p, _, _) in enumerate(pending):
-            if group["normuon"]:
-                offsets[ei] = base
-                base += self.state[p]["normuon_v"].numel()
-        flat_mask = torch.cat(masks)
+        vs = {ei: self.state[p]["normuon_v"] for ei, (group, _, p, _, _) in enumerate(pending) if group["normuon"]}
+        offsets, base = {}, 0
+        for ei, v in vs.items():
+            offsets[ei], base = base, base + v.numel()
+        owned = torch.zeros(base, dtype=torch.bool, device=next(iter(vs.values())).device)
         for m in plan.matrices:
-            if m.owner == me and (m.entry, m.index) in rows_of:
+            if m.owner == me and m.entry in vs:
                 r0 = offsets[m.entry] + rows_of[(m.entry, m.index)]
-                flat_mask[r0:r0 + m.box.logical_shape[0]] = 1.0
-        flat = torch.cat(parts) * flat_mask
+                owned[r0:r0 + m.box.logical_shape[0]] = True
+        # where(), not a product with the mask: a stale row must not leak (NaN * 0 is NaN)
+        flat = torch.where(owned, torch.cat(list(vs.values())), 0.0)
         _dist.collective("the NorMuon state all_reduce", lambda: dist.all_reduce(flat, group=pg), pg)
-        for ei, (group, _, p, _, _) in enumerate(pending):
-            if group["normuon"]:
-                v = self.state[p]["normuon_v"]
-                v.copy_(flat[offsets[ei]:offsets[ei] + v.numel()])
+        for ei, v in vs.items():
+            v.copy_(flat[offsets[ei]:offsets[ei] + v.numel()])
 
     def _run_bucket(self, key: tuple, pairs: list[tuple[Tensor, Tensor]]) -> None:
         """Orthogonalize same-key (source, destination) block stacks in stacked chunks (or one matrix

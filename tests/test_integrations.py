@@ -140,6 +140,20 @@ def test_hf_muon_trainer_checkpoints_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b), n
 
 
+def test_hf_trainer_with_your_own_muon_gets_trainers_scheduler(tmp_path):
+    pytest.importorskip("transformers", reason="needs transformers: pip install 'muonlab[integrations]'")
+    from transformers import Trainer
+
+    model = _tiny_llama()
+    opt = Muon(model, lr=0.02, adamw_lr=1e-3)
+    trainer = Trainer(model=model, args=_args(tmp_path / "own", max_steps=2, save_strategy="no"),
+                      train_dataset=_Tokens(8), optimizers=(opt, None))
+    trainer.train()
+    assert trainer.lr_scheduler is not None
+    assert [g["initial_lr"] for g in opt.param_groups] == [0.02, 1e-3]
+    assert all(g["lr"] == 0.0 for g in opt.param_groups)  # linear decay to 0 at max_steps, every group
+
+
 # ---------------------------------------------------------------------- Lightning
 def _lit_module():
     L = pytest.importorskip("lightning", reason="needs lightning: pip install 'muonlab[integrations]'")

@@ -60,16 +60,21 @@ def muon_optimizer(args: Any = None, **muon_kwargs: Any) -> tuple[type, dict[str
         kwargs.update(adamw_lr=args.learning_rate, adamw_betas=(args.adam_beta1, args.adam_beta2),
                       adamw_eps=args.adam_epsilon, weight_decay=args.weight_decay)
     kwargs.update(muon_kwargs)
-    if transformers_major() < 5:  # pragma: no cover - transformers 4 has no factory hook
+    if not has_factory_hook():  # pragma: no cover - depends on the transformers version
         raise RuntimeError(
-            f"transformers {transformers.__version__} has no optimizer factory hook; use MuonTrainer or "
-            "Trainer(optimizers=(muonlab.Muon(model), None))"
+            f"transformers {transformers.__version__}'s Trainer cannot call an optimizer factory (it would "
+            "pass its flat parameter groups to Muon); use MuonTrainer or Trainer(optimizers=(muonlab.Muon(model), None))"
         )
     return MuonFactory, kwargs
 
 
-def transformers_major() -> int:
-    return int(transformers.__version__.split(".")[0])
+def has_factory_hook() -> bool:
+    """Whether Trainer's ``optimizer_cls_and_kwargs`` accepts a factory called with the model."""
+    try:
+        from transformers.trainer_optimizer import is_optimizer_factory
+    except ImportError:
+        return False
+    return bool(is_optimizer_factory(MuonFactory))
 
 
 class LogGroupLRs(TrainerCallback):

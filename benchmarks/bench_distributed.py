@@ -91,7 +91,7 @@ class StepMeter(TorchDispatchMode):
         lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
         w = self.world
         if "alltoall" in name or "all_to_all" in name:
-            out_t, inp = (tensors + [None, None])[:2] if len(tensors) >= 2 else (None, tensors[0])
+            inp = tensors[1] if len(tensors) >= 2 else tensors[0]  # (output, input, ...) or (input, ...)
             splits = [a for a in args if isinstance(a, (list, tuple)) and (not a or isinstance(a[0], int))]
             n = inp.numel()
             if len(splits) >= 2 and splits[1]:
@@ -101,9 +101,8 @@ class StepMeter(TorchDispatchMode):
                 own = n // w
             self.sent += (n - own) * inp.element_size()
         elif "gather" in name:
-            inp = tensors[-1] if tensors else (lists[-1][0] if lists else None)
-            if "allgather_" == name.split(".")[-1] or name.endswith("allgather_"):
-                inp = lists[-1][0] if lists else inp
+            # c10d.allgather_ takes lists (its input list last); the tensor forms take the input last
+            inp = lists[-1][0] if lists else (tensors[-1] if tensors else None)
             if inp is not None:
                 self.sent += inp.numel() * inp.element_size() * (w - 1)
         elif "allreduce" in name or "all_reduce" in name:

@@ -159,6 +159,7 @@ def build_plan(entries: Sequence[tuple[Layout, str, Any]], world: int, cost_fn: 
     """
     matrices: list[MatrixPlan] = []
     candidates: list[list[int]] = []
+    replicas: list[list[list[Piece]]] = []  # per matrix: the holders of each distinct piece
     for ei, (layout, view, key) in enumerate(entries):
         name = names[ei] if ei < len(names) else f"parameter {ei}"
         for mi, box in enumerate(matrix_boxes(layout.shape, view)):
@@ -178,18 +179,16 @@ def build_plan(entries: Sequence[tuple[Layout, str, Any]], world: int, cost_fn: 
                                    "exactly; this layout is not supported by the sharded Muon engine")
             whole = [p.rank for p in m.pieces if p.numel == total]
             candidates.append(whole or [p.rank for p in m.pieces])
-            m.sources = [g[0] for g in distinct.values()]  # provisional, fixed once the owner is known
+            replicas.append(list(distinct.values()))
             matrices.append(m)
-            m._distinct = list(distinct.values())  # type: ignore[attr-defined]
     owners = assign_owners([m.cost for m in matrices], world, candidates)
-    for i, (m, owner) in enumerate(zip(matrices, owners)):
+    for i, (m, owner, groups) in enumerate(zip(matrices, owners, replicas)):
         m.owner = owner
         sources = []
-        for group in m._distinct:  # type: ignore[attr-defined]
+        for group in groups:  # the owner's own copy, else one holder, spread by the matrix index
             mine = [p for p in group if p.rank == owner]
             sources.append(mine[0] if mine else group[i % len(group)])
         m.sources = sorted(sources, key=lambda p: p.rank)
-        del m._distinct  # type: ignore[attr-defined]
     # rounds: walk the matrices in order; cut before a matrix that would push a rank over the budget
     sent, recv, owned = [0] * world, [0] * world, [0.0] * world
     load = [0] * world

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -66,6 +67,9 @@ class Muon(Optimizer):
 
     AdamW groups follow ``torch.optim.AdamW`` exactly (bias correction, decoupled decay).
 
+    fp16/bf16 parameters keep fp32 state; every update is computed in fp32 (fp64 for fp64
+    parameters) and rounded into the parameter once.
+
     Args:
         params: an ``nn.Module`` (routed by :func:`muonlab.muon_param_groups`), named parameters
             ``(name, tensor)``, plain tensors, or param-group dicts with an ``algorithm`` key.
@@ -85,6 +89,8 @@ class Muon(Optimizer):
         nonfinite: policy for NaN/inf gradients: ``"raise"`` (default; raises
             :class:`NonFiniteGradientError` before any state is touched), ``"skip"`` (the whole
             step is skipped and counted in ``skipped_steps``) or ``"propagate"`` (no check).
+            A finite gradient whose square would overflow the state (an element above
+            sqrt(max of the state dtype)/2, about 9.2e18 for fp32/bf16 state) counts as non-finite.
         batched: stack same-shape matrices into one orthogonalization (default True); False is the
             per-matrix reference loop.
         batch_max_elements: most elements per stacked call (default: 2**20 on CPU, 2**28 on CUDA).
@@ -360,13 +366,30 @@ class Muon(Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; a group whose algorithm, size or state shapes differ raises ValueError naming the parameter."""
-        saved_groups = state_dict.get("param_groups", [])
+        """Load state; a group whose algorithm, size or state shapes differ, and state holding NaN/inf,
+        raise ValueError naming the parameter (and the state key); the optimizer is unchanged then.
+
+        State tensors take this optimizer's state dtype (fp32 for fp16/bf16 parameters), converted
+        from the saved tensors (torch.optim would cast them to the parameter's dtype)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError("load_state_dict expects the dict that Muon.state_dict() returns (with 'state' and "
+                            f"'param_groups'), got a {type(state_dict).__name__}")
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        if missing:
+            keys = sorted(map(str, state_dict))
+            shown = f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
+            if len(missing) == 2 and state_dict and all(isinstance(v, Tensor) for v in state_dict.values()):
+                raise ValueError(f"this is not an optimizer state_dict: it has neither 'state' nor 'param_groups' but "
+                                 f"tensors named {shown}; it looks like a model's state_dict (use model.load_state_dict)")
+            raise ValueError(f"optimizer state_dict has no {missing[0]!r} entry (keys: {shown}); "
+                             "pass what Muon.state_dict() returned")
+        saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
-        saved_state = state_dict.get("state", {})
+        saved_state = state_dict["state"]
+        pairs = []  # (group, name, parameter, saved state or None)
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
             if len(saved["params"]) != len(group["params"]):
@@ -384,6 +407,7 @@ class Muon(Optimizer):
                 if group["algorithm"] == "muon" and view != saved_view:
                     raise ValueError(f"parameter {name} with shape {tuple(p.shape)} uses view {view!r} but was saved with {saved_view!r}")
                 st = saved_state.get(pid)
+                pairs.append((group, name, p, st))
                 if not st:
                     continue
                 for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
@@ -398,7 +422,19 @@ class Muon(Optimizer):
                     rows = sum(k * a for k, a, _ in matrix_shapes(tuple(p.shape), view))
                     if st["normuon_v"].numel() != rows:
                         raise ValueError(f"parameter {name}: saved normuon_v has {st['normuon_v'].numel()} entries, expected {rows}")
+                _check_saved_values(name, p, st)
         super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter's dtype (fp16 for an fp16 parameter):
+        # take each tensor again from the saved one, in this optimizer's state dtype
+        for group, name, p, st in pairs:
+            if not st:
+                continue
+            state = self.state[p]
+            for key, value in st.items():
+                if not isinstance(value, Tensor) or key == "step" or not value.is_floating_point():
+                    continue
+                dtype = torch.float32 if key == "normuon_v" else _state_dtype(group, p)
+                state[key] = value.to(dtype=dtype, device=p.device)
 
     # ------------------------------------------------------------------ reporting
     def routing_report(self) -> RoutingReport:
@@ -475,24 +511,32 @@ class Muon(Optimizer):
         Returns (take the step?, ids of the Muon parameters allowed to step or None for all).
         Under a process group (``pg``), finiteness and which Muon parameters have a gradient are
         agreed across ranks with one all_reduce, so every rank takes the same path.
+
+        A gradient counts as non-finite when it holds NaN/inf *or* when an element is so large
+        that the state it feeds would overflow: beyond ``sqrt(max of the state dtype) / 2``
+        (about 9.2e18 for fp32 and bf16 state) its square overflows AdamW's second moment (and
+        RMS's), and in a Muon momentum buffer it would set the direction for thousands of steps.
         """
         allowed: Optional[set[int]] = None
-        grads, names = [], []
+        grads, names, limits = [], [], []
         for group in self.param_groups:
             for name, p in zip(group["param_names"], group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"parameter {name} with shape {tuple(p.shape)} has a sparse gradient; Muon needs dense gradients")
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(f"parameter {name}: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
-                grads.append(_dist.local(p.grad))
+                _check_grad(name, p)
+                g = _dist.local(p.grad)
+                if g.numel() == 0:
+                    continue  # an empty shard (FSDP): nothing to check on this rank
+                grads.append(g)
                 names.append(name)
+                limits.append(_grad_limit(_state_dtype(group, p)))
         bad: list[str] = []
         if self.nonfinite != "propagate" and grads:
-            flags = torch.stack([torch.isfinite(g).all() for g in grads])  # one sync for all gradients
+            # one reduction per gradient and one host sync for all of them; NaN compares False
+            amax = torch._foreach_norm(grads, math.inf)
+            flags = torch.stack([a.float() <= lim for a, lim in zip(amax, limits)])
             if not bool(flags.all()):
-                bad = [f"{n} {tuple(g.shape)}" for n, g, ok in zip(names, grads, flags.tolist()) if not ok]
+                bad = [_describe_bad(n, g, a, lim) for n, g, a, lim, ok in zip(names, grads, amax, limits, flags.tolist()) if not ok]
         if pg is not None:  # distributed: agree on finiteness and Muon participation
             muon_params = [p for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]]
             agreed = _dist.agree([not bad] + [p.grad is not None for p in muon_params], pg)
@@ -507,7 +551,7 @@ class Muon(Optimizer):
             warnings.warn(f"Muon skipped a step: non-finite gradients in {', '.join(bad[:5])}", RuntimeWarning, stacklevel=3)
             return False, allowed
         raise NonFiniteGradientError(
-            f"non-finite (NaN/inf) gradient in {len(bad)} parameter(s): {', '.join(bad[:5])}"
+            f"non-finite (NaN/inf, or overflowing the state) gradient in {len(bad)} parameter(s): {'; '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}; no parameter or state was changed. "
             "Use Muon(..., nonfinite='skip') to skip such steps or 'propagate' to apply them."
         )
@@ -515,7 +559,11 @@ class Muon(Optimizer):
     def _muon_directions(self, group: dict[str, Any], allowed: Optional[set[int]] = None
                          ) -> list[tuple[dict[str, Any], str, Tensor, Tensor, str]]:
         """Momentum update and direction of each Muon parameter with a gradient (and, distributed,
-        in ``allowed``: every rank has its gradient)."""
+        in ``allowed``: every rank has its gradient).
+
+        The arithmetic runs in the compute dtype (fp32, or fp64 for fp64 parameters): a low-precision
+        gradient or momentum buffer is widened first and the new momentum is rounded once into the
+        buffer; the direction stays in the compute dtype."""
         mu, nesterov, form = group["momentum"], group["nesterov"], group["momentum_form"]
         items = []
         for name, p, view in zip(group["param_names"], group["params"], group["views"]):
@@ -523,24 +571,30 @@ class Muon(Optimizer):
                 continue
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p),
+                                                            memory_format=torch.contiguous_format)
                 state["step"] = torch.tensor(0.0)
             state["step"] += 1
             items.append((name, p, state["momentum_buffer"], view))
         if not items:
             return []
-        grads = [p.grad for _, p, _, _ in items]
+        cdts = [_compute_dtype(p, buf) for _, p, buf, _ in items]
+        grads = [_as(p.grad, c) for (_, p, _, _), c in zip(items, cdts)]
         bufs = [b for _, _, b, _ in items]
+        work = [_as(b, c) for b, c in zip(bufs, cdts)]  # the buffer itself when it is in the compute dtype
         clip = group["clip_momentum_norm"]
-        same = len({(g.device, g.dtype) for g in grads}) == 1 and all(b.dtype == g.dtype for b, g in zip(bufs, grads))
+        same = len({(g.device, g.dtype) for g in grads}) == 1
         if self.foreach and form == "ema" and clip is None and same:
             # DTensor (FSDP2): the elementwise update runs on the local shards; the other path below
             # keeps DTensors, so that the clipping norm is the global one
-            grads, bufs = [_dist.local(g) for g in grads], [_dist.local(b) for b in bufs]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            dirs = torch._foreach_lerp(grads, bufs, mu) if nesterov else bufs
+            grads_l, work_l = [_dist.local(g) for g in grads], [_dist.local(w) for w in work]
+            torch._foreach_lerp_(work_l, grads_l, 1 - mu)
+            dirs = torch._foreach_lerp(grads_l, work_l, mu) if nesterov else work_l
         else:
-            dirs = [momentum_direction(g, b, mu, nesterov, form, clip) for g, b in zip(grads, bufs)]
+            dirs = [momentum_direction(g, w, mu, nesterov, form, clip) for g, w in zip(grads, work)]
+        for buf, w in zip(bufs, work):
+            if w is not buf:
+                _store(buf, w)  # one rounding into the low-precision buffer
         return [(group, name, p, d, view) for (name, p, _, view), d in zip(items, dirs)]
 
     def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
@@ -552,7 +606,8 @@ class Muon(Optimizer):
                 raise ValueError(f"parameter {name} with shape {tuple(p.shape)} is a DTensor but Muon runs without a "
                                  "process group (process_group=False); sharded parameters need the distributed step")
         # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype)
-        updates = [torch.empty(d.shape, dtype=p.dtype, device=d.device) for _, _, p, d, _ in pending]
+        # the update in the direction's (compute) dtype: a low-precision parameter is rounded once, at the end
+        updates = [torch.empty(d.shape, dtype=d.dtype, device=d.device) for _, _, p, d, _ in pending]
         buckets: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
         for (group, name, p, d, view), upd in zip(pending, updates):
             key_settings = _settings(group)
@@ -584,8 +639,7 @@ class Muon(Optimizer):
                 stats[name] = _ortho_stats(blks)
             for b in blks:
                 b.mul_(adjust_lr_scale(b.shape[-2], b.shape[-1], group["adjust_lr_fn"]))
-            apply_weight_decay_(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
-            p.add_(upd, alpha=-lr)
+            _apply_update(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
             if self.track_stats:
                 stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * lr
 
@@ -600,11 +654,15 @@ class Muon(Optimizer):
         for group, name, p, d, view in pending:
             d_loc, p_loc = _dist.local(d), _dist.local(p)
             buf = _dist.local(self.state[p]["momentum_buffer"])
-            # the Nesterov direction is a fresh tensor: its update is written in place (one buffer, not two)
-            reuse = d_loc.dtype == p_loc.dtype and d_loc.data_ptr() != buf.data_ptr() and d_loc.is_contiguous()
+            d_wire, u_wire = _wire_dtypes(p.dtype, d.dtype)
+            if d_loc.dtype != d_wire:
+                d_loc = d_loc.to(d_wire)  # a fresh tensor
+            # a fresh direction (Nesterov's, or a bf16 copy) takes its own update in place (one buffer,
+            # not two); the momentum buffer itself never does
+            reuse = d_loc.dtype == u_wire and d_loc.data_ptr() != buf.data_ptr() and d_loc.is_contiguous()
             dirs.append(d_loc)
-            upds.append(d_loc if reuse else torch.empty_like(p_loc, memory_format=torch.contiguous_format))
-            dtypes.append((d.dtype, p.dtype))
+            upds.append(d_loc if reuse else torch.empty_like(p_loc, dtype=u_wire, memory_format=torch.contiguous_format))
+            dtypes.append((d_wire, u_wire))
         rows_of = {}  # NorMuon: (entry, matrix) -> first row of that matrix in the parameter's normuon_v
         for ei, (group, _, p, _, view) in enumerate(pending):
             if group["normuon"]:
@@ -657,9 +715,7 @@ class Muon(Optimizer):
                                "update_rms": math.sqrt(sq / max(1, p.numel())) * _scalar(group["lr"])}
         for (group, name, p, _, _), upd in zip(pending, upds):
             lr = _scalar(group["lr"])
-            target = _dist.local(p)
-            apply_weight_decay_(target, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
-            target.add_(upd, alpha=-lr)
+            _apply_update(_dist.local(p), upd, lr, group["weight_decay"], group["cautious_weight_decay"])
 
     def _shard_plan(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]], pg: Any) -> _dist.ShardPlan:
         """The plan for this step's participating Muon parameters (cached while they and their
@@ -674,8 +730,9 @@ class Muon(Optimizer):
         entries, elem, submesh = [], [], []
         for group, name, p, d, view in pending:
             layout = _dist.layout_of(p, pg, name)
-            entries.append((layout, view, (_settings(group), _dist.local(p).device, d.dtype)))
-            elem.append((_dist.local(d).element_size(), _dist.local(p).element_size()))
+            d_wire, u_wire = _wire_dtypes(p.dtype, d.dtype)
+            entries.append((layout, view, (_settings(group), _dist.local(p).device, d_wire)))
+            elem.append((d_wire.itemsize, u_wire.itemsize))
             if _dist.is_submesh(p, pg):
                 submesh.append((name, p, layout))
         _dist.check_replicas(submesh, pg)
@@ -746,15 +803,22 @@ class Muon(Optimizer):
                 continue
             state = self.state[p]
             if "exp_avg" not in state:
+                sd = _state_dtype(group, p)
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
             state["step"] += 1
             before = _dist.local(p).detach().clone() if self.track_stats else None
-            # DTensor (FSDP2): AdamW is elementwise, so it runs on the local shards
-            adamw_step_(_dist.local(p), _dist.local(p.grad), _dist.local(state["exp_avg"]), _dist.local(state["exp_avg_sq"]),
-                        int(state["step"].item()),
+            # DTensor (FSDP2): AdamW is elementwise, so it runs on the local shards. Low-precision
+            # tensors are widened to the compute dtype and each result is rounded once.
+            real = [_dist.local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+            cdt = _compute_dtype(p, state["exp_avg"])
+            work = [_as(t, cdt) for t in real]
+            adamw_step_(*work, int(state["step"].item()),
                         lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            for i in (0, 2, 3):
+                if work[i] is not real[i]:
+                    _store(real[i], work[i])
             if before is not None:
                 stats[name] = {"update_rms": float((_dist.local(p) - before).float().square().mean().sqrt())}
 
@@ -766,16 +830,125 @@ class Muon(Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["step"] = torch.tensor(0.0)
-                state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p))
             state["step"] += 1
             before = p.detach().clone() if self.track_stats else None
-            rms_step_(p, p.grad, state["momentum_buffer"], lr=lr, momentum=group["momentum"],
-                      eps=group["eps"], weight_decay=group["weight_decay"])
+            real = [p, p.grad, state["momentum_buffer"]]
+            cdt = _compute_dtype(p, state["momentum_buffer"])
+            work = [_as(t, cdt) for t in real]
+            rms_step_(*work, lr=lr, momentum=group["momentum"], eps=group["eps"], weight_decay=group["weight_decay"])
+            for i in (0, 2):
+                if work[i] is not real[i]:
+                    _store(real[i], work[i])
             if before is not None:
                 stats[name] = {"update_rms": float((p - before).float().square().mean().sqrt())}
 
 
 # ---------------------------------------------------------------------- helpers
+_STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def _state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+    """The dtype of ``p``'s optimizer state in ``group``: the group's ``state_dtype``, or (None) the
+    parameter's dtype widened to at least fp32, so that fp16/bf16 parameters keep fp32 state."""
+    name = group.get("state_dtype")
+    if name is None:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return _STATE_DTYPES[name]
+
+
+def _compute_dtype(p: Tensor, state: Tensor) -> torch.dtype:
+    """The dtype the update arithmetic runs in: fp32, or fp64 when the parameter or its state is fp64."""
+    return torch.float64 if torch.float64 in (p.dtype, state.dtype) else torch.float32
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` itself when it already has ``dtype`` (updated in place), else a widened copy."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _store(dst: Tensor, src: Tensor) -> None:
+    """Round a compute-dtype result into a narrower state or parameter tensor, once."""
+    dst.copy_(src)
+
+
+def _apply_update(p: Tensor, upd: Tensor, lr: Union[float, Tensor], weight_decay: float, cautious: bool) -> None:
+    """θ <- θ(1 − lr·λ) − lr·update in at least fp32; a low-precision θ is rounded once, at the end."""
+    target = p if p.dtype in (torch.float32, torch.float64) else p.float()
+    apply_weight_decay_(target, upd, lr, weight_decay, cautious)
+    target.sub_(upd * lr) if isinstance(lr, Tensor) else target.add_(upd, alpha=-lr)
+    if target is not p:
+        p.copy_(target)
+
+
+def _wire_dtypes(p_dtype: torch.dtype, d_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(direction, update) dtypes the sharded step sends. A bf16 parameter's pieces travel in bf16
+    as before (half the bytes; the iteration runs in bf16 on GPUs anyway); an fp16 parameter's
+    direction travels in the compute dtype (a sum-form momentum can exceed fp16's range) and its
+    orthogonalized update (entries of order 1) in fp16. The parameter itself is updated in fp32."""
+    if p_dtype == torch.bfloat16:
+        return torch.bfloat16, torch.bfloat16
+    if p_dtype == torch.float16:
+        return d_dtype, torch.float16
+    return d_dtype, d_dtype
+
+
+def _grad_limit(state_dtype: torch.dtype) -> float:
+    """Largest gradient magnitude accepted: sqrt(max)/2 of the state dtype, so that g² (AdamW's
+    second moment, RMS) stays a quarter of the range below overflow."""
+    return math.sqrt(torch.finfo(state_dtype).max) / 2
+
+
+def _check_grad(name: str, p: Tensor) -> None:
+    """Raise, naming the parameter, for a gradient the step cannot take (before any state changes)."""
+    g, shape = p.grad, tuple(p.shape)
+    if g.is_sparse:
+        raise RuntimeError(f"parameter {name} with shape {shape} has a sparse gradient; Muon needs dense gradients")
+    if p.is_meta or g.is_meta:
+        raise RuntimeError(
+            f"parameter {name} with shape {shape} is on the meta device (it holds no data, only a shape): "
+            "materialize the model before stepping, e.g. model.to_empty(device='cpu') and initialize or load its weights"
+        )
+    if g.shape != p.shape:
+        raise RuntimeError(f"parameter {name}: gradient shape {tuple(g.shape)} != parameter shape {shape}")
+    if g.dtype != p.dtype:
+        raise RuntimeError(
+            f"parameter {name} with shape {shape}: gradient dtype {g.dtype} != parameter dtype {p.dtype}; "
+            "cast one of them (e.g. p.grad = p.grad.to(p.dtype))"
+        )
+    if g.device != p.device:
+        raise RuntimeError(f"parameter {name} with shape {shape}: gradient on {g.device} but parameter on {p.device}")
+
+
+def _check_saved_values(name: str, p: Tensor, st: Mapping[str, Any]) -> None:
+    """Saved state must be finite (and its step a count >= 0): a NaN in a moment would turn the
+    parameter NaN on the next step. Checks this rank's values (no collective)."""
+    for key, value in st.items():
+        if isinstance(value, Tensor):
+            v = _dist.local(value)
+            if not v.is_floating_point() or v.numel() == 0:
+                continue
+            finite = torch.isfinite(v)
+            if not bool(finite.all()):
+                kind = "nan" if bool(torch.isnan(v).any()) else "inf"
+                count = int((~finite).sum())
+                raise ValueError(f"parameter {name} with shape {tuple(p.shape)}: saved {key} holds {kind} "
+                                 f"({count} of {v.numel()} values non-finite); the checkpoint's optimizer state is "
+                                 "damaged, nothing was loaded")
+            if key == "step" and v.numel() == 1 and float(v) < 0:
+                raise ValueError(f"parameter {name} with shape {tuple(p.shape)}: saved step {float(v):g} is negative")
+        elif key == "step" and isinstance(value, (int, float)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"parameter {name} with shape {tuple(p.shape)}: saved step {value} is not a count >= 0")
+
+
+def _describe_bad(name: str, g: Tensor, amax: Tensor, limit: float) -> str:
+    v = float(amax)
+    if not math.isfinite(v):
+        return f"{name} {tuple(g.shape)}"
+    return f"{name} {tuple(g.shape)}: |gradient| up to {v:.3g} > {limit:.3g} (its square would overflow the optimizer state)"
+
+
 def _settings(group: dict[str, Any]) -> tuple:
     """The orthogonalization settings of a Muon group (part of every bucket key)."""
     return (group["ns_method"], group["ns_coefficients"], group["ns_steps"], group["ns_dtype"], group["eps"])

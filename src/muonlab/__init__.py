@@ -7,11 +7,14 @@ Public API (everything importable from ``muonlab``):
 * :class:`Muon` - the optimizer: Muon for hidden matrices, AdamW for the rest, one object.
 * :func:`muon_param_groups` - module-aware routing, with a readable report.
 * :data:`PRESETS`, :func:`resolve_schedule`, :func:`fit_coefficients` - coefficient schedules.
+* :class:`QKClip`, :class:`QKSpec`, :class:`HeadRows`, :func:`qk_clip_factors` - QK-Clip (Kimi K2's
+  MuonClip): per-head rescaling of query/key weights when attention logits exceed a threshold.
 """
 
 from .coefficients import PRESETS, FitResult, fit_coefficients, resolve_schedule, scalar_map
 from .orthogonalize import METHODS, normalize_frobenius, orthogonalize
 from .optimizer import Muon, NonFiniteGradientError
+from .qkclip import HeadRows, QKClip, QKClipStats, QKSpec, qk_clip_factors
 from .routing import RoutingReport, muon_param_groups
 from .updates import adjust_lr_scale
 
@@ -21,6 +24,11 @@ __all__ = [
     "METHODS",
     "Muon",
     "NonFiniteGradientError",
+    "HeadRows",
+    "QKClip",
+    "QKClipStats",
+    "QKSpec",
+    "qk_clip_factors",
     "RoutingReport",
     "adjust_lr_scale",
     "muon_param_groups",

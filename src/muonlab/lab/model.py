@@ -16,17 +16,24 @@ Names are chosen for optimizer routing (module type plus name): ``tok_emb`` (nn.
 tied). With mixture of experts, ``blocks.N.mlp.router`` is an nn.Linear (E, C) and the expert
 weights are the 3-D parameters ``blocks.N.mlp.experts.w1/w3`` (E, F, C) and ``...experts.w2``
 (E, C, F): E independent matrices in the (out, in) layout of nn.Linear.
+
+QK-Clip (Kimi K2's MuonClip, muonlab.qkclip): ``with model.track_max_logits() as max_logits:`` makes
+every attention layer also record its per-head max pre-softmax logit (one extra q.k matmul, off by
+default), and ``model.qk_clip_specs()`` maps each layer's heads to the rows of wq and wk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..qkclip import QKSpec, grouped_max_logits
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -185,6 +192,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # QK-Clip: when record_max_logit is on (GPT.track_max_logits), max_logit is the running
+        # per-head max (H,) of the pre-softmax logits q.k/sqrt(D) over every forward since it was reset.
+        self.record_max_logit = False
+        self.max_logit: Optional[torch.Tensor] = None
+        # Tensor parallelism computes n_head of the model's config.n_head query heads on each rank; whoever
+        # splits the heads sets head_offset (this rank's first global query head) so that the max
+        # logits can be reported per global head.
+        self.head_offset: Optional[int] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape  # (B, T, C)
@@ -193,6 +208,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D) x2
+        if self.record_max_logit:
+            # the fused kernel below never materialises the scores: one extra q.k^T, no autograd, float32,
+            # scale 1/sqrt(D) as in SDPA's default, causal positions only
+            new = grouped_max_logits(q, k, 1.0 / math.sqrt(self.head_dim))  # (H,)
+            self.max_logit = new if self.max_logit is None else torch.maximum(self.max_logit, new)
         # enable_gqa lets query head h read key/value head h // (H/K) without materialising copies.
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
@@ -330,6 +350,58 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=out_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
+
+    def attention_layers(self) -> list[tuple[str, Attention]]:
+        """(module path, Attention) of every block: the layer names of max logits and QK-Clip specs."""
+        return [(f"blocks.{i}.attn", block.attn) for i, block in enumerate(self.blocks)]
+
+    @contextlib.contextmanager
+    def track_max_logits(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Record each attention layer's per-head max pre-softmax logit over the forward passes run
+        inside the block (all micro-batches of a step: their elementwise max)::
+
+            with model.track_max_logits() as max_logits:
+                _, loss = model(x, y); loss.backward()
+            opt.step()
+            clip.apply(max_logits)      # {"blocks.0.attn": (n_head,) tensor, ...}
+
+        The dict is filled when the block exits (layers that ran no forward are left out). Outside
+        the block the forward is unchanged (the same fused attention kernel, no extra work). Under
+        tensor parallelism each rank reports the heads it computes and -inf for the others;
+        ``QKClip.apply`` takes the max over the ranks."""
+        layers = self.attention_layers()
+        if any(attn.record_max_logit for _, attn in layers):
+            raise RuntimeError("track_max_logits() is already active on this model; blocks cannot nest")
+        for _, attn in layers:
+            attn.record_max_logit, attn.max_logit = True, None
+        result: dict[str, torch.Tensor] = {}
+        try:
+            yield result
+        finally:
+            for name, attn in layers:
+                if attn.max_logit is not None:
+                    result[name] = self._per_global_head(name, attn, attn.max_logit)
+                attn.record_max_logit, attn.max_logit = False, None
+
+    def _per_global_head(self, name: str, attn: Attention, values: torch.Tensor) -> torch.Tensor:
+        """(config.n_head,) from the (attn.n_head,) values of the heads this rank computes."""
+        n = self.config.n_head
+        if attn.n_head == n:
+            return values
+        if attn.head_offset is None:
+            raise RuntimeError(f"{name} computes {attn.n_head} of {n} query heads (tensor parallel?) but its "
+                               "head_offset is not set; whoever splits the heads must set attn.head_offset")
+        full = values.new_full((n,), -math.inf)
+        full[attn.head_offset:attn.head_offset + attn.n_head] = values
+        return full
+
+    def qk_clip_specs(self) -> list[QKSpec]:
+        """The :class:`muonlab.qkclip.QKSpec` of every attention layer (separate wq/wk, GQA with
+        config.n_kv_head key heads), named like :meth:`track_max_logits`. Build them after wrapping
+        the model (FSDP2 replaces the parameters by DTensors; their rows are scaled shard by shard)."""
+        cfg = self.config
+        return [QKSpec.separate(name, attn.wq.weight, attn.wk.weight, cfg.n_head, cfg.n_kv_head)
+                for name, attn in self.attention_layers()]
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once). ``non_embedding=True`` leaves out tok_emb and

@@ -394,7 +394,8 @@ print("RESULT", json.dumps(res))
 @pytest.mark.slow
 def test_lab_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
     """An FSDP run interrupted after 3 of 6 steps at 2 ranks resumes at 1 rank and ends like an
-    uninterrupted single-process run (the lab's parallel checkpoints are full, name-keyed)."""
+    uninterrupted single-process run (the lab's parallel checkpoints are sharded DCP folders, keyed by
+    parameter name). More meshes: tests/test_lab_parallel.py."""
     import json
 
     script = tmp_path / "run.py"

@@ -8,6 +8,19 @@ from pathlib import Path
 from typing import Any
 
 
+PARALLEL_MODES = ("none", "ddp", "fsdp", "hsdp", "tp", "fsdp+tp")  # muonlab.lab.parallel.MODES (kept import-free)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return v
+
+
 def _add_train_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--model", default="tiny", help="model size name (tiny, small, medium) [tiny]")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run [{default_steps}]")
@@ -139,9 +152,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.validate()
     out = Path(args.out) if args.out else Path("runs") / f"train-{args.optimizer}-{cfg.key()}"
     res = train(cfg, out, progress=not args.quiet, resume=not args.no_resume, log=print,
-                parallel=args.parallel)  # parallel (issue 6)
+                parallel=args.parallel, mesh=args.mesh, dist_timeout=args.dist_timeout)
     if args.parallel != "none" and int(os.environ.get("RANK", "0")) != 0:
-        return 0  # parallel (issue 6): only rank 0 prints
+        return 0  # only rank 0 prints
     print(json.dumps(res, indent=2))
     print(f"run folder: {out}")
     return 0
@@ -171,8 +184,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder [runs/train-<optimizer>-<config hash>]")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",  # parallel (issue 6)
-                   help="data-parallel mode under torchrun (see docs/distributed.md) [none]")
+    p.add_argument("--parallel", choices=list(PARALLEL_MODES), default="none",
+                   help="how to spread the model over the ranks of a torchrun job (docs/distributed.md) [none]")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh: W, or AxB for hsdp (replicas x shards) and fsdp+tp (data x tensor) "
+                        "[all ranks; W/2 x 2 for the 2-D modes]")
+    p.add_argument("--dist-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="how long a collective waits for a stalled or dead rank before the job stops with an "
+                        "error naming it [600]")
     _add_train_args(p, DEFAULT_COMPARE_STEPS)
     p.set_defaults(func=cmd_train)
 

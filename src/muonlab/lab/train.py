@@ -9,6 +9,9 @@ A run directory holds:
   finite state, to a temporary name, fsynced, then moved into place;
 * ``checkpoint.prev.pt`` the checkpoint before it, kept so that a damaged ``checkpoint.pt`` still
   leaves a good one to resume from (a warning says so);
+* ``checkpoint.dcp/`` and ``checkpoint.dcp.prev/`` instead, in a parallel run (``--parallel``): the
+  same, as sharded ``torch.distributed.checkpoint`` folders written by every rank (see
+  :mod:`muonlab.lab.parallel`); a run resumes from the newest good checkpoint of either kind;
 * ``result.json``   written last, when the run finished: final validation loss, tokens, time;
 * ``muonlab.lock``  present while a run holds the folder (it holds the run's pid): a second run
   on the same folder stops at once with an error naming the pid (see :class:`RunFolder`).
@@ -403,7 +406,10 @@ class RunFolder:
 
 def _run_has_progress(run_dir: Path) -> bool:
     """Whether a failed run wrote something worth keeping: a checkpoint, a result, a training step."""
-    if any((run_dir / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT, "result.json")):
+    from .parallel import PREVIOUS_SHARDED_CHECKPOINT, SHARDED_CHECKPOINT
+
+    if any((run_dir / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT, "result.json", SHARDED_CHECKPOINT,
+                                             PREVIOUS_SHARDED_CHECKPOINT)):
         return True
     metrics = run_dir / "metrics.jsonl"
     return metrics.exists() and '"kind": "train"' in metrics.read_text(errors="replace")
@@ -415,14 +421,20 @@ def _run_has_progress(run_dir: Path) -> bool:
 
 
 def _first_nonfinite(model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> Optional[str]:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None. Of a
+    sharded (DTensor) state dict, only this rank's shards are looked at."""
+
+    def bad(t: torch.Tensor) -> bool:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.is_floating_point() and not bool(torch.isfinite(t).all())
+
     for name, t in model_sd.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if isinstance(t, torch.Tensor) and bad(t):
             return f"model tensor {name}"
 
     def walk(obj: Any, where: str) -> Optional[str]:
         if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            if bad(obj):
                 return where
             return None
         if isinstance(obj, dict):
@@ -506,6 +518,71 @@ def load_checkpoint(run_dir: Path, device: torch.device) -> Optional[tuple[dict[
     return None
 
 
+def _why_sharded_unreadable(exc: BaseException) -> str:
+    """One line for a failed DCP load: DCP's CheckpointException holds each failed rank's exception."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, err in sorted(failures.items()):
+            if isinstance(err, tuple) and err:  # (exception, its traceback summary)
+                err = err[0]
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            parts.append(f"rank {rank}: {type(err).__name__}{': ' + first if first else ''}")
+        return "; ".join(parts)
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _resume(run_dir: Path, par: Any, model: Any, opt: Any, cfg: "TrainConfig") -> Optional[tuple[dict[str, Any], Path]]:
+    """Load the newest good checkpoint of ``run_dir`` into ``model`` and ``opt``, whichever kind it is
+    (``checkpoint.pt`` of a single-process run, ``checkpoint.dcp`` of a parallel one, so a run can
+    change between them), falling back to an older one with a warning when the newest is damaged.
+    Returns (the checkpoint's metadata: scheduler, step, train_time_s, rng; its path), or None."""
+    from .parallel import sharded_checkpoints, stale_sharded_temporary
+
+    if par.is_main:
+        shutil.rmtree(stale_sharded_temporary(run_dir), ignore_errors=True)  # a save cut short by a killed rank
+    options: list[tuple[int, Path, dict[str, Any]]] = [(int(m["step"]), p, m) for p, m in sharded_checkpoints(run_dir)]
+    problems: list[str] = []
+    if any((run_dir / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+        try:
+            if not options:  # only single-process checkpoints: load_checkpoint's own fallback warning
+                found = load_checkpoint(run_dir, par.device)
+            else:  # its warning would not be the whole story: collect it
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    found = load_checkpoint(run_dir, par.device)
+                problems += [str(w.message).split("; resuming")[0] for w in caught]
+            if found is not None:
+                options.append((int(found[0]["step"]), found[1], found[0]))
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    options.sort(key=lambda o: -o[0])
+    for step, path, ckpt in options:
+        if ckpt.get("config_key") != cfg.key():
+            raise ValueError(f"{path} was written by a different configuration; use a new output folder or delete it")
+        try:
+            if path.suffix == ".pt":
+                par.load(model, opt, ckpt["model"], ckpt["optimizer"])
+            else:
+                par.load_sharded(model, opt, path)
+                bad = par.first(_first_nonfinite(*par.state(model, opt)))
+                if bad:
+                    raise ValueError(f"it holds non-finite values ({bad})")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException (a BaseException), on every rank
+            problems.append(f"{path} is unreadable ({_why_sharded_unreadable(exc)})")
+            continue
+        if problems:
+            warnings.warn(f"{'; '.join(problems)}; resuming from the older checkpoint {path} (step {step})",
+                          stacklevel=3)
+        return ckpt, path
+    if problems:
+        raise CheckpointError(f"cannot resume the run in {run_dir}: " + "; ".join(problems)
+                              + ". Delete the damaged file(s) to start the run over (muonlab train: --no-resume)")
+    return None
+
+
 def _read_result(path: Path) -> Optional[dict[str, Any]]:
     """A finished run's result.json, or None; a damaged one is ignored with a warning naming it
     (the run then finishes again from its checkpoint and rewrites it)."""
@@ -533,10 +610,14 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 class _Metrics:
-    """Append-only JSONL writer that can be truncated back to a checkpoint on resume."""
+    """Append-only JSONL writer that can be truncated back to a checkpoint on resume; with
+    ``path=None`` (the non-zero ranks of a parallel run) it writes nothing."""
 
-    def __init__(self, path: Path, resume_step: Optional[int]):
+    def __init__(self, path: Optional[Path], resume_step: Optional[int]):
         self.path = path
+        if path is None:
+            self.fh: Any = open(os.devnull, "w")
+            return
         if resume_step is None:
             path.write_text("")
         else:
@@ -585,12 +666,16 @@ def train(
     corpus: Optional[Corpus] = None,
     log: Any = None,
     parallel: str = "none",
+    mesh: Optional[str] = None,
+    dist_timeout: Optional[float] = None,
 ) -> dict[str, Any]:
     """Train one model with one optimizer; returns the result dict (also written to result.json).
 
     ``stop_after=K`` stops after K optimizer steps as if interrupted (a checkpoint is written),
     which a later call with ``resume=True`` continues. ``parallel`` (``"none"``, ``"ddp"``,
-    ``"fsdp"``) trains data-parallel under torchrun (see :mod:`muonlab.lab.parallel`).
+    ``"fsdp"``, ``"hsdp"``, ``"tp"``, ``"fsdp+tp"``) trains on several ranks under torchrun, on the
+    device mesh ``mesh`` (``"2x2"`` for the 2-D modes), with every collective bounded by
+    ``dist_timeout`` seconds (see :mod:`muonlab.lab.parallel`).
 
     The run folder is locked while the run holds it (:class:`RunFolder`); a run that fails before
     its first training step leaves no folder behind if it created the folder. A non-finite loss or
@@ -604,25 +689,28 @@ def train(
         if done is not None and done.get("config_key") == cfg.key():
             return done
     device = resolve_device(cfg.device)
-    # --- parallel (issue 6): process group, this rank's device; only rank 0 writes and prints
     from .parallel import setup as setup_parallel
 
-    par = setup_parallel(parallel, device)
+    par = setup_parallel(parallel, device, mesh, dist_timeout)  # the process group and mesh; this rank's device
     try:
         with RunFolder(run_dir, useful=_run_has_progress, active=par.is_main):  # only rank 0 writes there
             return _train(cfg, run_dir, par, resume=resume, progress=progress, stop_after=stop_after,
                           corpus=corpus, log=log)
+    except Exception as exc:
+        why = par.explain(exc)  # a failed collective: name the rank that stopped and the timeout
+        if why:
+            raise LabError(why) from exc
+        raise
     finally:
-        par.close()  # parallel (issue 6)
+        par.close()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress: bool, stop_after: Optional[int],
            corpus: Optional[Corpus], log: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    device, wdir = par.device, par.out_dir(run_dir)
-    progress, log = progress and par.is_main, log if par.is_main else None
-    # --- end parallel
+    device, main = par.device, par.is_main  # only rank 0 writes the run folder's files and prints
+    progress, log = progress and main, log if main else None
     autocast = device.type == "cuda"
     entry = get_entry(cfg.optimizer)
     lr_shown = cfg.lr if cfg.lr is not None else entry.lr_for(cfg.model)
@@ -645,35 +733,31 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
-    model, inner = par.wrap(model)  # parallel (issue 6): DDP / FSDP2; the optimizer gets the inner module
+    model, inner = par.wrap(model)  # DDP / FSDP2 / TP; the optimizer gets the inner module
     opt = build_optimizer(cfg.optimizer, inner, size=cfg.model, lr=cfg.lr, adamw_lr=cfg.adamw_lr, **cfg.optimizer_options)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     val_batches = corpus.val_batches(cfg.batch_size, seq_len, cfg.eval_batches)
 
     start_step, train_time = 0, 0.0
-    # every rank reads the same file (rank 0 wrote it); a damaged checkpoint.pt falls back to checkpoint.prev.pt
-    loaded = load_checkpoint(run_dir, device) if resume else None
+    loaded = _resume(run_dir, par, model, opt, cfg) if resume else None  # the newest good checkpoint
     if loaded is not None:
-        ckpt, ckpt_file = loaded
-        if ckpt.get("config_key") != cfg.key():
-            raise ValueError(
-                f"{ckpt_file} was written by a different configuration; use a new output folder or delete it"
-            )
-        par.load(model, opt, ckpt["model"], ckpt["optimizer"])  # parallel (issue 6): plain load when "none"
+        ckpt, _ = loaded
         sched.load_state_dict(ckpt["scheduler"])
         start_step, train_time = int(ckpt["step"]), float(ckpt["train_time_s"])
         torch.set_rng_state(ckpt["rng"])
         del ckpt
     last_good = start_step if loaded is not None else None  # the step of the newest checkpoint on disk
-    metrics = _Metrics(wdir / "metrics.jsonl", start_step if start_step else None)
-    atomic_write_text(
-        wdir / "config.json",
-        json.dumps({"config": asdict(cfg), "config_key": cfg.key(), "model_config": mcfg.to_dict(),
-                    "n_params": inner.num_parameters(), "corpus": corpus.meta, "environment": environment(),
-                    "optimizer_description": entry.description}, indent=2, default=str),
-    )
+    metrics = _Metrics(run_dir / "metrics.jsonl" if main else None, start_step if start_step else None)
+    if main:
+        atomic_write_text(
+            run_dir / "config.json",
+            json.dumps({"config": asdict(cfg), "config_key": cfg.key(), "model_config": mcfg.to_dict(),
+                        "n_params": inner.num_parameters(), "corpus": corpus.meta, "environment": environment(),
+                        "optimizer_description": entry.description, "parallel": par.describe()},
+                       indent=2, default=str),
+        )
     tb = None
-    if cfg.tensorboard and par.is_main:
+    if cfg.tensorboard and main:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -692,7 +776,9 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
     def kept() -> str:
         if last_good is None:
             return "no checkpoint was written yet"
-        return f"the checkpoint of step {last_good} is kept in {run_dir / CHECKPOINT}"
+        from .parallel import SHARDED_CHECKPOINT
+
+        return f"the checkpoint of step {last_good} is kept in {run_dir / (SHARDED_CHECKPOINT if par.active else CHECKPOINT)}"
 
     def diverged(what: str, value: float, step: int) -> FloatingPointError:
         return FloatingPointError(f"{what} became {value} at step {step} with {cfg.optimizer} lr={lr_shown:g}; "
@@ -700,21 +786,23 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
 
     def checkpoint(step: int) -> None:
         nonlocal last_good
-        model_sd, optim_sd = par.state(model, opt)  # parallel (issue 6): full state dicts, a collective
-        bad = _first_nonfinite(model_sd, optim_sd) if par.is_main else None
-        # parallel (issue 6): only rank 0 holds the full state; every rank learns its verdict
-        if par.mean(1.0 if bad else 0.0) > 0:
+        model_sd, optim_sd = par.state(model, opt)  # this rank's shards in a parallel run
+        bad = par.first(_first_nonfinite(model_sd, optim_sd))  # every rank learns every rank's verdict
+        if bad:
             raise FloatingPointError(
-                f"{bad or 'a tensor of the model or optimizer state'} became non-finite by step {step} with "
-                f"{cfg.optimizer} lr={lr_shown:g}, so no checkpoint was written; lower the learning rate ({kept()})")
-        if par.is_main:
-            save_checkpoint(
-                {"model": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
-                 "step": step, "train_time_s": train_time, "rng": torch.get_rng_state(), "config_key": cfg.key()},
-                run_dir,
-            )
+                f"{bad} became non-finite by step {step} with {cfg.optimizer} lr={lr_shown:g}, so no checkpoint "
+                f"was written; lower the learning rate ({kept()})")
+        meta = {"scheduler": sched.state_dict(), "step": step, "train_time_s": train_time,
+                "rng": torch.get_rng_state(), "config_key": cfg.key()}
+        if par.active:
+            try:
+                par.save_sharded(model, opt, meta, model_sd, optim_sd, run_dir)
+            except OSError as exc:
+                raise LabError(f"cannot write the checkpoint {run_dir}: {exc.strerror or exc}; the previous "
+                               "checkpoint is kept") from exc
+        else:
+            save_checkpoint({"model": model_sd, "optimizer": optim_sd, **meta}, run_dir)
         last_good = step
-        par.barrier()
 
     step = start_step
     try:
@@ -735,13 +823,15 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 x, y = corpus.get_batch("train", cfg.batch_size, seq_len, seed=cfg.seed, step=step * cfg.grad_accum + micro)
-                x, y = par.shard(x.to(device), y.to(device))  # parallel (issue 6): this rank's rows
+                x, y = par.shard(x.to(device), y.to(device))  # this rank's rows (all of them under tp)
                 loss = forward_backward(model, x, y, entry, autocast, cfg.grad_accum)
                 loss_sum += float(loss.detach())
-            train_loss = par.mean(loss_sum / cfg.grad_accum)  # parallel (issue 6): the global batch's loss
+            train_loss = par.mean(loss_sum / cfg.grad_accum)  # the global batch's loss
             if not math.isfinite(train_loss):
                 raise diverged("training loss", train_loss, step + 1)
-            if cfg.grad_clip:
+            if cfg.grad_clip and par.active:
+                par.clip_grad_norm(list(model.parameters()), cfg.grad_clip)  # DTensors of several meshes
+            elif cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lr_now = [g["lr"] for g in opt.param_groups]
             opt.step()
@@ -752,6 +842,7 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
             dt = time.perf_counter() - t0
             train_time += dt
             step += 1
+            par.beat(step)
             row: dict[str, Any] = {"kind": "train", "step": step, "tokens": step * tokens_per_step, "loss": train_loss,
                                    "lr": float(lr_now[0]), "lrs": [float(v) for v in lr_now], "step_ms": dt * 1e3,
                                    "time_s": train_time}
@@ -813,9 +904,10 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
         "config_key": cfg.key(),
     }
     if result["step_ms"] is None:  # resumed: recompute from the per-step timings
-        ms = [r["step_ms"] for r in read_metrics(wdir) if r.get("kind") == "train"]
+        ms = [r["step_ms"] for r in read_metrics(run_dir) if r.get("kind") == "train"] if main else []
         result["step_ms"] = sum(ms) / len(ms) if ms else 1e3 * train_time / cfg.steps
-    atomic_write_text(wdir / "result.json", json.dumps(result, indent=2))
+    if main:
+        atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     if log:
         log(f"{cfg.optimizer}: final val loss {last_val:.4f} after {result['tokens']:,} tokens in {train_time:.1f}s")
     return result

@@ -31,9 +31,10 @@ import json, os, sys
 import torch
 from muonlab.lab.train import TrainConfig, train
 torch.set_num_threads(1)
-mode, mesh, out, stop, clip = sys.argv[1:6]
+mode, mesh, out, stop, clip, qk = sys.argv[1:7]
 cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, max_corpus_bytes=200000, eval_batches=2, eval_every=3,
-                  checkpoint_every=2, grad_clip=float(clip) if clip != "none" else None)
+                  checkpoint_every=2, grad_clip=float(clip) if clip != "none" else None,
+                  qk_clip=float(qk) if qk != "none" else None)
 res = train(cfg, out, progress=False, parallel=mode, mesh=None if mesh == "-" else mesh,
             stop_after=int(stop) if stop != "none" else None)
 if os.environ.get("RANK", "0") == "0":
@@ -41,25 +42,29 @@ if os.environ.get("RANK", "0") == "0":
 """
 
 
-def _config(clip=None) -> TrainConfig:
+def _config(clip=None, qk=None) -> TrainConfig:
     return TrainConfig(steps=6, batch_size=4, seq_len=32, max_corpus_bytes=200000, eval_batches=2, eval_every=3,
-                       checkpoint_every=2, grad_clip=clip)
+                       checkpoint_every=2, grad_clip=clip, qk_clip=qk)
 
 
-def _run(tmp: Path, nproc: int, mode: str, mesh: str, out: Path, stop="none", clip="none") -> dict:
+def _run(tmp: Path, nproc: int, mode: str, mesh: str, out: Path, stop="none", clip="none", qk="none") -> dict:
     script = tmp / "run.py"
     script.write_text(_SCRIPT)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc else [sys.executable])
-    proc = subprocess.run(launcher + [str(script), mode, mesh, str(out), stop, clip], env=ENV,
+    proc = subprocess.run(launcher + [str(script), mode, mesh, str(out), stop, clip, qk], env=ENV,
                           capture_output=True, text=True, timeout=300, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0][7:])
 
 
-def _losses(run: Path) -> list[float]:
+def _rows(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["kind"] == "train"]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in _rows(run)]
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +140,11 @@ def test_one_rank_modes_match_one_process(tmp_path, reference):
 
 def test_fsdp_tp_four_ranks_match_one_process(tmp_path, reference):
     """torchrun 4 ranks, FSDP over 2 data groups on top of tensor parallelism over 2 ranks, with
-    gradient clipping (a global norm over DTensors of two meshes): the loss curve of one process."""
+    gradient clipping (a global norm over DTensors of two meshes) and QK-Clip measuring the logits
+    of heads split over the TP ranks (tau = inf: never clips): the loss curve of one process."""
     res, losses = reference[0.5]
-    got = _run(tmp_path, 4, "fsdp+tp", "2x2", tmp_path / "ft", clip="0.5")
+    got = _run(tmp_path, 4, "fsdp+tp", "2x2", tmp_path / "ft", clip="0.5", qk="inf")
+    assert all(r["max_attn_logit"] > 0 for r in _rows(tmp_path / "ft"))
     assert got["finished"] and abs(got["final_val_loss"] - res["final_val_loss"]) < 1e-4
     assert _losses(tmp_path / "ft") == pytest.approx(losses, abs=1e-4)
     shards = sorted(p.name for p in (tmp_path / "ft" / "checkpoint.dcp").glob("*.distcp"))
@@ -154,6 +161,20 @@ def test_parallel_modes_match_one_process(tmp_path, reference, nproc, mode, mesh
     got = _run(tmp_path, nproc, mode, mesh, tmp_path / "r")
     assert abs(got["final_val_loss"] - res["final_val_loss"]) < 1e-4
     assert _losses(tmp_path / "r") == pytest.approx(losses, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_qk_clip_matches_one_process(tmp_path):
+    """QK-Clip with heads split over 2 TP ranks (each rank clips the rows of its own heads) clips
+    the same heads by the same factors as one process."""
+    tau = 0.05
+    ref = train(_config(qk=tau), tmp_path / "one", progress=False)
+    got = _run(tmp_path, 2, "tp", "-", tmp_path / "tp", qk=str(tau))
+    assert abs(got["final_val_loss"] - ref["final_val_loss"]) < 1e-4
+    for a, b in zip(_rows(tmp_path / "tp"), _rows(tmp_path / "one")):
+        assert a["qk_clipped_heads"] == b["qk_clipped_heads"] > 0
+        assert a["max_attn_logit"] == pytest.approx(b["max_attn_logit"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -275,3 +275,29 @@ def test_a_damaged_line_inside_metrics_is_reported_not_silently_dropped(tmp_path
         assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "tr']))  # a torn last line: quiet
     assert len(read_metrics(tmp_path)) == 4
+
+
+# ---------------------------------------------------------------------- QK-Clip in the trainer
+def test_qk_clip_in_the_trainer(tmp_path):
+    """--qk-clip inf logs max_attn_logit and trains bit-identically to no clipping; a small tau
+    clips heads every step; a run without QK-Clip keeps the config key it had before the option."""
+    import json
+
+    from muonlab.lab.train import TrainConfig, train
+
+    base = dict(steps=4, batch_size=4, seq_len=32, max_corpus_bytes=100000, eval_batches=1, eval_every=4,
+                checkpoint_every=4)
+    plain = TrainConfig(**base)
+    assert plain.key() == TrainConfig(**base, qk_clip=None).key() != TrainConfig(**base, qk_clip=5.0).key()
+    runs = {}
+    for name, tau in (("off", None), ("inf", float("inf")), ("tight", 0.05)):
+        res = train(TrainConfig(**base, qk_clip=tau), tmp_path / name, progress=False)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (res, [r for r in rows if r["kind"] == "train"])
+    assert [r["loss"] for r in runs["inf"][1]] == [r["loss"] for r in runs["off"][1]]
+    assert runs["inf"][0]["final_val_loss"] == runs["off"][0]["final_val_loss"]
+    assert "max_attn_logit" not in runs["off"][1][0]
+    assert all(r["max_attn_logit"] > 0 and r["qk_clipped_heads"] == 0 for r in runs["inf"][1])
+    assert all(r["qk_clipped_heads"] > 0 and r["qk_min_gamma"] < 1 for r in runs["tight"][1])
+    with pytest.raises(ValueError, match=r"qk_clip must be a positive number .* got -1.0"):
+        TrainConfig(**base, qk_clip=-1.0).validate()

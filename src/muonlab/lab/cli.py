@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
     base = _base_config(args, DEFAULT_COMPARE_STEPS)
-    cfg = replace(base, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+    cfg = replace(base, optimizer=args.optimizer, lr=args.lr, seed=args.seed, qk_clip=args.qk_clip)
     cfg.validate()
     out = Path(args.out) if args.out else Path("runs") / f"train-{args.optimizer}-{cfg.key()}"
     res = train(cfg, out, progress=not args.quiet, resume=not args.no_resume, log=print,
@@ -184,6 +184,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder [runs/train-<optimizer>-<config hash>]")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--qk-clip", type=float, default=None, metavar="TAU",
+                   help="QK-Clip (Kimi K2's MuonClip): after each step, scale the query/key weights of every head "
+                        "whose max attention logit exceeded TAU; 'inf' logs max_attn_logit without clipping [off]")
     p.add_argument("--parallel", choices=list(PARALLEL_MODES), default="none",
                    help="how to spread the model over the ranks of a torchrun job (docs/distributed.md) [none]")
     p.add_argument("--mesh", default=None,

@@ -381,6 +381,7 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> None:
         parallelize_module(block, mesh, plan)
         block.attn.n_head //= t
         block.attn.n_kv_head //= t
+        block.attn.head_offset = mesh.get_local_rank() * block.attn.n_head  # QK-Clip: this rank's first global head
 
 
 # ---------------------------------------------------------------------- the process group

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 from .data import Corpus, load_corpus
+from ..qkclip import QKClip
 from .model import GPT, GPTConfig
 from .zoo import build_optimizer, get_entry
 
@@ -95,6 +96,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     stats_every: int = 0  # record Muon update statistics every N steps (0: at each eval)
     tensorboard: bool = False
+    qk_clip: Optional[float] = None  # QK-Clip threshold tau (Kimi K2, arXiv 2507.20534); inf: log max_attn_logit only
     model_overrides: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -122,10 +124,16 @@ class TrainConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.qk_clip is not None and (isinstance(self.qk_clip, bool) or not isinstance(self.qk_clip, (int, float))
+                                         or not self.qk_clip > 0):
+            raise ValueError(f"qk_clip must be a positive number (inf: log the max logit, never clip), got {self.qk_clip!r}")
 
     def key(self) -> str:
         """A short hash of the config: runs are cached per configuration."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        fields_ = asdict(self)
+        if fields_["qk_clip"] is None:
+            del fields_["qk_clip"]  # runs without QK-Clip keep the keys (and cached results) they had
+        blob = json.dumps(fields_, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -736,6 +744,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
     model, inner = par.wrap(model)  # DDP / FSDP2 / TP; the optimizer gets the inner module
     opt = build_optimizer(cfg.optimizer, inner, size=cfg.model, lr=cfg.lr, adamw_lr=cfg.adamw_lr, **cfg.optimizer_options)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    # QK-Clip (after wrap: the specs point at the parameters the optimizer updates, DTensors included)
+    qk_clip = QKClip(inner.qk_clip_specs(), cfg.qk_clip) if cfg.qk_clip is not None else None
     val_batches = corpus.val_batches(cfg.batch_size, seq_len, cfg.eval_batches)
 
     start_step, train_time = 0, 0.0
@@ -821,11 +831,14 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
             if track:
                 opt.track_stats = bool(want_stats)  # type: ignore[attr-defined]
             loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = corpus.get_batch("train", cfg.batch_size, seq_len, seed=cfg.seed, step=step * cfg.grad_accum + micro)
-                x, y = par.shard(x.to(device), y.to(device))  # this rank's rows (all of them under tp)
-                loss = forward_backward(model, x, y, entry, autocast, cfg.grad_accum)
-                loss_sum += float(loss.detach())
+            # the per-head max attention logits of this step's batch, measured only when QK-Clip asks
+            with inner.track_max_logits() if qk_clip is not None else contextlib.nullcontext({}) as max_logits:
+                for micro in range(cfg.grad_accum):
+                    x, y = corpus.get_batch("train", cfg.batch_size, seq_len, seed=cfg.seed,
+                                            step=step * cfg.grad_accum + micro)
+                    x, y = par.shard(x.to(device), y.to(device))  # this rank's rows (all of them under tp)
+                    loss = forward_backward(model, x, y, entry, autocast, cfg.grad_accum)
+                    loss_sum += float(loss.detach())
             train_loss = par.mean(loss_sum / cfg.grad_accum)  # the global batch's loss
             if not math.isfinite(train_loss):
                 raise diverged("training loss", train_loss, step + 1)
@@ -835,6 +848,7 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lr_now = [g["lr"] for g in opt.param_groups]
             opt.step()
+            qk_stats = qk_clip.apply(max_logits) if qk_clip is not None else None  # every rank: one all_reduce
             opt.zero_grad(set_to_none=True)
             sched.step()
             if device.type == "cuda":
@@ -852,6 +866,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
                 if muon_rms:
                     row["muon_update_rms"] = sum(muon_rms) / len(muon_rms)
                     row["ortho_residual"] = max(v["ortho_residual"] for v in st.values() if "ortho_residual" in v)
+            if qk_stats is not None:
+                row.update(qk_stats.as_metrics())  # max_attn_logit, qk_clipped_heads, qk_min_gamma
             metrics.write(row)
             if tb is not None:
                 tb.add_scalar("train/loss", train_loss, step)

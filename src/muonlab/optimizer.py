@@ -32,6 +32,7 @@ from .updates import (
     momentum_direction,
     normuon_normalize,
     rms_step_,
+    stochastic_round_,
 )
 from .views import auto_view, blocks, check_view, matrix_boxes, matrix_shapes
 
@@ -91,6 +92,12 @@ class Muon(Optimizer):
             step is skipped and counted in ``skipped_steps``) or ``"propagate"`` (no check).
             A finite gradient whose square would overflow the state (an element above
             sqrt(max of the state dtype)/2, about 9.2e18 for fp32/bf16 state) counts as non-finite.
+        state_dtype: dtype of the Muon momentum, the AdamW moments and the RMS momentum: ``None``
+            (default: the parameter's dtype widened to at least fp32), ``"fp32"``, ``"bf16"`` (half
+            the bytes; the arithmetic stays fp32 and each new value is rounded stochastically into
+            the state, from a generator seeded by the parameter's position and its rounding count,
+            so resuming from a checkpoint is exact) or ``"fp64"``; torch dtypes are accepted too.
+            Overridable per param group. fp16 is refused: its range is too small for Adam's moments.
         batched: stack same-shape matrices into one orthogonalization (default True); False is the
             per-matrix reference loop.
         batch_max_elements: most elements per stacked call (default: 2**20 on CPU, 2**28 on CUDA).
@@ -141,6 +148,7 @@ class Muon(Optimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         nonfinite: str = "raise",
+        state_dtype: Union[str, torch.dtype, None] = None,
         batched: bool = True,
         batch_max_elements: Optional[int] = None,
         foreach: Optional[bool] = None,
@@ -174,6 +182,7 @@ class Muon(Optimizer):
             clip_momentum_norm=clip_momentum_norm,
             normuon=normuon,
             normuon_beta2=normuon_beta2,
+            state_dtype=_state_dtype_name(state_dtype, "Muon"),
             algorithm="muon",
         )
         _validate_muon(defaults, "Muon defaults")
@@ -313,6 +322,7 @@ class Muon(Optimizer):
         super().add_param_group(group)
         g = self.param_groups[-1]
         try:
+            g["state_dtype"] = _state_dtype_name(g.get("state_dtype"), f"param group {len(self.param_groups) - 1}")
             if alg == "muon":
                 _validate_muon(g, f"param group {len(self.param_groups) - 1}")
                 g["ns_coefficients"] = _freeze(g["ns_coefficients"])
@@ -335,13 +345,13 @@ class Muon(Optimizer):
         "nonfinite": "raise", "batched": True, "batch_max_elements": None, "foreach": True, "compile": False, "track_stats": False, "last_stats": {},
         "skipped_steps": 0, "_reasons": {}, "_frozen": [], "_warned_plain": False,
         "process_group": None, "last_dist_times": {}, "dist_bucket_bytes": None, "last_shard_plan": None,
-        "_plan_cache": None,
+        "_plan_cache": None, "_ordinals": None,
     }
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for key in (*self._EXTRA_STATE, "_adamw_defaults"):
-            if key in ("_plan_cache", "last_shard_plan"):
+            if key in ("_plan_cache", "last_shard_plan", "_ordinals"):
                 continue  # rebuilt on the next step (holds process-group ranks, not state)
             if key in self.__dict__:
                 state[key] = self.__dict__[key]
@@ -355,6 +365,7 @@ class Muon(Optimizer):
         # older state_dicts: fill options added later with their defaults
         for i, group in enumerate(self.param_groups):
             alg = group.setdefault("algorithm", "muon")
+            group.setdefault("state_dtype", None)
             for key, value in self.defaults.items():
                 if alg == "muon" or key not in ("momentum", "ns_method", "ns_coefficients", "ns_steps"):
                     group.setdefault(key, value)
@@ -369,8 +380,10 @@ class Muon(Optimizer):
         """Load state; a group whose algorithm, size or state shapes differ, and state holding NaN/inf,
         raise ValueError naming the parameter (and the state key); the optimizer is unchanged then.
 
-        State tensors take this optimizer's state dtype (fp32 for fp16/bf16 parameters), converted
-        from the saved tensors (torch.optim would cast them to the parameter's dtype)."""
+        State tensors take this optimizer's ``state_dtype`` (by default fp32 for fp16/bf16
+        parameters), converted from the saved tensors: a bf16 checkpoint widens exactly into fp32
+        state, an fp32 one is rounded to nearest into bf16 state. The groups keep their own
+        ``state_dtype``; every other option comes from the checkpoint, as in torch.optim."""
         if not isinstance(state_dict, Mapping):
             raise TypeError("load_state_dict expects the dict that Muon.state_dict() returns (with 'state' and "
                             f"'param_groups'), got a {type(state_dict).__name__}")
@@ -423,7 +436,12 @@ class Muon(Optimizer):
                     if st["normuon_v"].numel() != rows:
                         raise ValueError(f"parameter {name}: saved normuon_v has {st['normuon_v'].numel()} entries, expected {rows}")
                 _check_saved_values(name, p, st)
+        configured = [g["state_dtype"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        # the state dtype is how this optimizer stores state (like its device), not a hyperparameter
+        # of the run: this optimizer's setting wins over the checkpoint's, and the tensors convert
+        for g, sd in zip(self.param_groups, configured):
+            g["state_dtype"] = sd
         # torch.optim casts floating state to the parameter's dtype (fp16 for an fp16 parameter):
         # take each tensor again from the saved one, in this optimizer's state dtype
         for group, name, p, st in pairs:
@@ -487,6 +505,7 @@ class Muon(Optimizer):
 
         pg = _dist.resolve_group(self.process_group)
         ok, allowed = self._grads_ok(pg)
+        self._ordinals = None  # rebuilt on demand: parameter positions seed the stochastic rounding
         if not ok:
             return loss
         stats: dict[str, dict[str, float]] = {}
@@ -592,9 +611,9 @@ class Muon(Optimizer):
             dirs = torch._foreach_lerp(grads_l, work_l, mu) if nesterov else work_l
         else:
             dirs = [momentum_direction(g, w, mu, nesterov, form, clip) for g, w in zip(grads, work)]
-        for buf, w in zip(bufs, work):
+        for (_, p, buf, _), w in zip(items, work):
             if w is not buf:
-                _store(buf, w)  # one rounding into the low-precision buffer
+                _store(buf, w, self._rounding_generator(p, buf))  # one rounding into the narrower buffer
         return [(group, name, p, d, view) for (name, p, _, view), d in zip(items, dirs)]
 
     def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
@@ -795,6 +814,22 @@ class Muon(Optimizer):
             return self.batch_max_elements
         return 2**28 if device.type == "cuda" else 2**20
 
+    def _rounding_generator(self, p: Tensor, buf: Tensor) -> Optional[torch.Generator]:
+        """The random bits for stochastically rounding ``p``'s new state into bf16 (None for other
+        state dtypes). Seeded from the parameter's position in the optimizer and how many times its
+        state was rounded (``state["rounding_step"]``, saved in checkpoints): deterministic, the same
+        on every rank holding the parameter, and exact on resume."""
+        if buf.dtype != torch.bfloat16:
+            return None
+        if self._ordinals is None:
+            self._ordinals = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        state = self.state[p]
+        k = state.get("rounding_step", 0) + 1
+        state["rounding_step"] = k
+        gen = torch.Generator(device=_dist.local(buf).device)
+        gen.manual_seed(_rounding_seed(self._ordinals[id(p)], k))
+        return gen
+
     def _adamw_group(self, group: dict[str, Any], stats: dict[str, dict[str, float]]) -> None:
         beta1, beta2 = group["betas"]
         lr = _scalar(group["lr"])
@@ -816,9 +851,10 @@ class Muon(Optimizer):
             work = [_as(t, cdt) for t in real]
             adamw_step_(*work, int(state["step"].item()),
                         lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            gen = self._rounding_generator(p, state["exp_avg"])
             for i in (0, 2, 3):
                 if work[i] is not real[i]:
-                    _store(real[i], work[i])
+                    _store(real[i], work[i], gen if i else None)
             if before is not None:
                 stats[name] = {"update_rms": float((_dist.local(p) - before).float().square().mean().sqrt())}
 
@@ -837,15 +873,37 @@ class Muon(Optimizer):
             cdt = _compute_dtype(p, state["momentum_buffer"])
             work = [_as(t, cdt) for t in real]
             rms_step_(*work, lr=lr, momentum=group["momentum"], eps=group["eps"], weight_decay=group["weight_decay"])
+            gen = self._rounding_generator(p, state["momentum_buffer"])
             for i in (0, 2):
                 if work[i] is not real[i]:
-                    _store(real[i], work[i])
+                    _store(real[i], work[i], gen if i else None)
             if before is not None:
                 stats[name] = {"update_rms": float((p - before).float().square().mean().sqrt())}
 
 
 # ---------------------------------------------------------------------- helpers
 _STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+_STATE_DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                        "fp64": "fp64", "float64": "fp64"}
+
+
+def _state_dtype_name(value: Any, where: str) -> Optional[str]:
+    """Validate a ``state_dtype`` and return its canonical name (None, "fp32", "bf16" or "fp64")."""
+    if value is None:
+        return None
+    fp16 = value == torch.float16 if isinstance(value, torch.dtype) else (
+        isinstance(value, str) and value.lower() in ("fp16", "float16", "half"))
+    if fp16:
+        raise ValueError(f"{where}: state_dtype {value!r} (fp16) is not supported: its range (largest 65504, "
+                         "smallest normal 6.1e-5) is too small for Adam's second moment; use 'bf16' to halve the state")
+    if isinstance(value, torch.dtype):
+        for name, dt in _STATE_DTYPES.items():
+            if dt == value:
+                return name
+    elif isinstance(value, str) and value.lower() in _STATE_DTYPE_ALIASES:
+        return _STATE_DTYPE_ALIASES[value.lower()]
+    raise ValueError(f"{where}: unknown state_dtype {value!r}; valid: None, 'fp32', 'bf16', 'fp64' "
+                     "(or torch.float32, torch.bfloat16, torch.float64)")
 
 
 def _state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
@@ -867,9 +925,23 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _store(dst: Tensor, src: Tensor) -> None:
-    """Round a compute-dtype result into a narrower state or parameter tensor, once."""
-    dst.copy_(src)
+def _store(dst: Tensor, src: Tensor, generator: Optional[torch.Generator] = None) -> None:
+    """Round a compute-dtype result into a narrower state or parameter tensor, once: stochastically
+    into bf16 state when a ``generator`` is given, else to nearest (parameters)."""
+    d, s_ = _dist.local(dst), _dist.local(src)
+    if generator is not None and d.dtype == torch.bfloat16:
+        stochastic_round_(d, s_, generator)
+    else:
+        d.copy_(s_)
+
+
+def _rounding_seed(index: int, count: int) -> int:
+    """A 63-bit seed from (parameter position, rounding count): splitmix64's finalizer, so that
+    neighbouring parameters and steps get unrelated random streams."""
+    x = (index * 0x9E3779B97F4A7C15 + count * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
 
 
 def _apply_update(p: Tensor, upd: Tensor, lr: Union[float, Tensor], weight_decay: float, cautious: bool) -> None:
@@ -937,6 +1009,8 @@ def _check_saved_values(name: str, p: Tensor, st: Mapping[str, Any]) -> None:
                                  "damaged, nothing was loaded")
             if key == "step" and v.numel() == 1 and float(v) < 0:
                 raise ValueError(f"parameter {name} with shape {tuple(p.shape)}: saved step {float(v):g} is negative")
+        elif key == "rounding_step" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"parameter {name} with shape {tuple(p.shape)}: saved rounding_step {value!r} is not an int >= 0")
         elif key == "step" and isinstance(value, (int, float)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"parameter {name} with shape {tuple(p.shape)}: saved step {value} is not a count >= 0")

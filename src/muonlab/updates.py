@@ -139,3 +139,27 @@ def rms_step_(
     param.mul_(1 - lr * weight_decay)
     rms = torch.sqrt(buf.square().mean() + eps)
     param.sub_(buf / rms, alpha=lr)
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Round ``src`` (fp32; fp64 is rounded to fp32 first) into the bf16 tensor ``dst`` stochastically.
+
+    bf16 is the upper 16 bits of fp32. Adding a uniform random integer in [0, 2**16) to the fp32 bit
+    pattern and then clearing the lower 16 bits rounds the magnitude up with probability equal to the
+    dropped fraction, so E[dst] = src: an EMA whose per-step change is below half of bf16's spacing
+    still moves on average, where round-to-nearest would freeze it. The bit pattern is sign and
+    magnitude, so negative values round the same way; inf and NaN stay what they are, and values
+    beyond bf16's largest finite number may become inf (as with round-to-nearest). The random bits come
+    from ``generator``: the same generator state gives the same result (exact resume).
+    """
+    if dst.dtype != torch.bfloat16:
+        raise ValueError(f"stochastic_round_ writes bf16, got a destination of dtype {dst.dtype}")
+    if dst.shape != src.shape:
+        raise ValueError(f"stochastic_round_: destination shape {tuple(dst.shape)} != source shape {tuple(src.shape)}")
+    x = src if src.dtype == torch.float32 else src.float()
+    bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits.add_(x.view(torch.int32)).bitwise_and_(-65536)  # -65536 == 0xFFFF0000 as int32
+    # exact: the dropped bits are zero. A NaN whose payload fills the mantissa could carry into the
+    # sign bit (and read as ±0); where() keeps every NaN a NaN.
+    dst.copy_(torch.where(torch.isnan(x), x, bits.view(torch.float32)))
+    return dst

@@ -12,7 +12,10 @@ multiples of the parameter bytes:
   each matrix; Shampoo: momentum + two d x d statistics per dimension).
 
 Measured minus expected is then only per-parameter scalars (``step`` counters, LAMB's norms), which
-are reported separately. ``muonlab memory --model tiny`` prints the table, writes CSV and JSON, and
+are reported separately. Every row also gives its state as a multiple of AdamW's fp32 state on the
+same model (``x AdamW``), and each muonlab ``Muon`` entry is measured a second time with
+``state_dtype="bf16"`` (issue 15: momentum and AdamW moments in bf16), reported as
+``bf16 state x AdamW``. ``muonlab memory --model tiny`` prints the table, writes CSV and JSON, and
 draws a bar chart.
 """
 
@@ -51,6 +54,10 @@ class MemoryRow:
     seed_x_value: Optional[float] = None
     by_key: dict[str, int] = field(default_factory=dict)  # bytes per state key
     step_time_s: Optional[float] = None
+    vs_adamw: Optional[float] = None  # state_bytes / torch.optim.AdamW's fp32 state on the same model
+    bf16_state_bytes: Optional[int] = None  # muonlab Muon entries: the same optimizer with state_dtype="bf16"
+    bf16_vs_adamw: Optional[float] = None
+    bf16_by_key: dict[str, int] = field(default_factory=dict)
 
 
 # seed 004, table 8-1 ("内存复杂度"), and textbook values for entries the table does not list
@@ -71,6 +78,13 @@ SEED_MULTIPLES: dict[str, tuple[str, Optional[float], str]] = {
     "soap": ("2x + L, R", None, "Adam moments in Shampoo's eigenbasis"),
 }
 MUON_SEED = ("1x (+2x AdamW part)", 1.0, "seed 004: 1x for Muon matrices; the AdamW part keeps 2x")
+
+
+def adamw_state_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.optim.AdamW``'s state for ``model``: fp32 ``exp_avg`` and ``exp_avg_sq`` per
+    element plus a 0-d fp32 ``step`` per tensor (the reference every ``x AdamW`` divides by)."""
+    params = [p for _, p in unique_params(model)]
+    return sum(2 * p.numel() * 4 + 4 for p in params)
 
 
 def unique_params(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -214,8 +228,25 @@ def check_step_shape(model_name: str, batch_size: int, seq_len: int) -> None:
 
 
 def measure_entry(name: str, model_name: str = "tiny", *, batch_size: int = 2, seq_len: int = 32,
-                  seed: int = 0) -> MemoryRow:
-    """Build zoo optimizer ``name`` for a fresh ``model_name`` GPT, take one real step, measure."""
+                  seed: int = 0, bf16_state: bool = True) -> MemoryRow:
+    """Build zoo optimizer ``name`` for a fresh ``model_name`` GPT, take one real step, measure.
+
+    A muonlab ``Muon`` entry is measured again with ``state_dtype="bf16"`` (``bf16_state=False``
+    skips that) into ``bf16_state_bytes``; every measured row gets ``vs_adamw``."""
+    row = _measure_entry(name, model_name, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    if row.status == "ok" and bf16_state and row.optimizer_class == "Muon":
+        low = _measure_entry(name, model_name, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                             extra={"state_dtype": "bf16"})
+        if low.status == "ok":
+            row.bf16_state_bytes, row.bf16_by_key = low.state_bytes, low.by_key
+            row.bf16_vs_adamw = low.vs_adamw
+        else:
+            row.note += f"; bf16 state: {low.note}"
+    return row
+
+
+def _measure_entry(name: str, model_name: str, *, batch_size: int, seq_len: int, seed: int,
+                   extra: Optional[dict[str, Any]] = None) -> MemoryRow:
     from muonlab.lab.model import GPT, GPTConfig
     from muonlab.lab.zoo import build_optimizer, get_entry
 
@@ -234,7 +265,7 @@ def measure_entry(name: str, model_name: str = "tiny", *, batch_size: int = 2, s
         row.expected_bytes = exp * elem
         row.expected_x = row.expected_bytes / pbytes
     try:
-        opt = build_optimizer(name, model, size=model_name)
+        opt = build_optimizer(name, model, size=model_name, **(extra or {}))
     except ImportError as exc:
         row.note = f"not built: {exc}"
         return row
@@ -266,6 +297,7 @@ def measure_entry(name: str, model_name: str = "tiny", *, batch_size: int = 2, s
     row.status = "ok"
     row.state_bytes, row.scalar_bytes, row.by_key = total, scalars, by_key
     row.measured_x = total / pbytes
+    row.vs_adamw = total / adamw_state_bytes(model)
     if seed_src:
         row.note = seed_src
     if row.expected_bytes is not None and total - scalars != row.expected_bytes:
@@ -309,29 +341,32 @@ def model_summary(model_name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 TABLE_HEADERS = ["optimizer", "class", "state bytes", "measured x", "expected x", "seed 004 x", "scalars B",
-                 "expected (this implementation)"]
+                 "x AdamW", "bf16 state x AdamW", "expected (this implementation)"]
 
 
 def table_rows(rows: Sequence[MemoryRow]) -> list[list[Any]]:
     out = []
     for r in rows:
         if r.status != "ok":
-            out.append([r.name, "-", "-", "-", "-", r.seed_x, "-", r.note])
+            out.append([r.name, "-", "-", "-", "-", r.seed_x, "-", "-", "-", r.note])
             continue
         out.append([r.name, r.optimizer_class, f"{r.state_bytes:,}", f"{r.measured_x:.3f}",
                     "-" if r.expected_x is None else f"{r.expected_x:.3f}", r.seed_x, r.scalar_bytes,
+                    "-" if r.vs_adamw is None else f"{r.vs_adamw:.3f}",
+                    "-" if r.bf16_vs_adamw is None else f"{r.bf16_vs_adamw:.3f}",
                     r.expected_formula])
     return out
 
 
 def write_csv(rows: Sequence[MemoryRow], path: Path) -> None:
-    keys = [k for k in asdict(rows[0]) if k != "by_key"] if rows else []
+    nested = ("by_key", "bf16_by_key")
+    keys = [k for k in asdict(rows[0]) if k not in nested] if rows else []
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(keys + ["by_key"])
+        w.writerow(keys + list(nested))
         for r in rows:
             d = asdict(r)
-            w.writerow([d[k] for k in keys] + [json.dumps(d["by_key"], sort_keys=True)])
+            w.writerow([d[k] for k in keys] + [json.dumps(d[k], sort_keys=True) for k in nested])
 
 
 def plot_memory(rows: Sequence[MemoryRow], summary: dict[str, Any], path: Path) -> None:
@@ -351,6 +386,10 @@ def plot_memory(rows: Sequence[MemoryRow], summary: dict[str, Any], path: Path) 
             label="measured (after one step)")
     ex = [(y, r.expected_x) for y, r in zip(ys, ok) if r.expected_x is not None]
     ax.plot([e for _, e in ex], [y for y, _ in ex], "k|", ms=16, mew=2.2, label="expected for this implementation")
+    lo = [(y, r.bf16_state_bytes / r.param_bytes) for y, r in zip(ys, ok) if r.bf16_state_bytes is not None]
+    if lo:
+        ax.plot([x for _, x in lo], [y for y, _ in lo], "D", color="tab:cyan", ms=7,
+                label='muonlab Muon with state_dtype="bf16"')
     sd = [(y, r.seed_x_value) for y, r in zip(ys, ok) if r.seed_x_value is not None]
     ax.plot([s for _, s in sd], [y for y, _ in sd], "rx", ms=9, mew=2, label="seed 004 nominal multiple")
     xmax = max([r.measured_x for r in ok] + [1.0])

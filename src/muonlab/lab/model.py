@@ -44,6 +44,8 @@ from ..qkclip import QKSpec, grouped_max_logits
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # ~0.23M parameters; a training step at batch 16 takes ~60 ms on a 2-core CPU.
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=96, seq_len=128),
+    # ~0.6M parameters (a step between tiny and small for the scaling study).
+    "mini": dict(n_layer=3, n_head=4, n_kv_head=2, d_model=128, seq_len=128),
     # ~1.6M parameters.
     "small": dict(n_layer=4, n_head=6, n_kv_head=2, d_model=192, seq_len=256),
     # ~9.5M parameters.

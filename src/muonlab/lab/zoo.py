@@ -94,8 +94,8 @@ class ZooEntry:
 
 
 # AdamW's learning rate per size: also used for the AdamW part of every Muon-style entry.
-ADAMW_LR = {"tiny": 2e-3, "small": 1e-3, "medium": 6e-4, "*": 6e-4}  # tiny: best of a 5e-4..3e-3 sweep (docs/lab.md)
-MUON_LR = {"tiny": 0.02, "small": 0.02, "medium": 0.02, "*": 0.02}
+ADAMW_LR = {"tiny": 2e-3, "mini": 1.5e-3, "small": 1e-3, "medium": 6e-4, "*": 6e-4}  # tiny: best of a 5e-4..3e-3 sweep (docs/lab.md); mini: between its neighbours
+MUON_LR = {"tiny": 0.02, "mini": 0.02, "small": 0.02, "medium": 0.02, "*": 0.02}
 ADAMW_BETAS = (0.9, 0.95)  # LLM pretraining convention (GPT-3, Llama)
 WEIGHT_DECAY = 0.0  # short runs: decay only adds a knob to tune; both families get the same
 

@@ -35,6 +35,10 @@ def _add_train_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps [steps/4]")
     p.add_argument("--data", default=None, help="text file or folder [the Python standard library]")
     p.add_argument("--max-corpus-bytes", type=int, default=8 * 2**20)
+    p.add_argument("--tokenizer", default="bytes", metavar="{bytes,bpe:N}",
+                   help="bytes (vocabulary 256) or bpe:N, a byte-level BPE of N tokens (257..65536) trained on the "
+                        "training split with Hugging Face tokenizers and cached beside the corpus; losses are also "
+                        "reported in bits per byte [bytes]")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -101,11 +105,17 @@ def _base_config(args: argparse.Namespace, default_steps: int) -> Any:
     _check_out(args)
     if args.steps is not None and args.tokens is not None:
         raise ValueError("give --steps or --tokens, not both")
+    from muonlab.lab.data import canonical_tokenizer
+
+    try:
+        tokenizer = canonical_tokenizer(args.tokenizer)
+    except ValueError as exc:
+        raise ValueError(f"--tokenizer: {exc}") from None
     cfg = TrainConfig(
         model=args.model, steps=default_steps if args.steps is None else args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, grad_accum=args.grad_accum, schedule=args.schedule, warmup=args.warmup,
         eval_batches=args.eval_batches, data=args.data, max_corpus_bytes=args.max_corpus_bytes, device=args.device,
-        tensorboard=args.tensorboard,
+        tensorboard=args.tensorboard, tokenizer=tokenizer,
     )
     if args.tokens is not None:
         cfg.steps = steps_for_tokens(args.tokens, cfg, cfg.seq_len or GPTConfig.from_name(cfg.model).seq_len)

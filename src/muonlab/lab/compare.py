@@ -2,7 +2,8 @@
 
 ``compare()`` trains every (optimizer, learning rate, seed) into ``OUT/runs/...`` (cached per
 configuration and resumable), picks each optimizer's best learning rate by final validation loss,
-and writes ``summary.json`` and ``summary.csv`` before drawing the report from those files.
+and writes ``summary.json`` and ``summary.csv`` before drawing the report from those files. Losses are
+nats per token of the run's tokenizer; ``final_val_bpb`` (bits per byte) compares across tokenizers.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def compare(
 def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_multipliers: tuple[float, ...],
              seeds: tuple[int, ...], out_dir: Path, baseline: str, progress: bool, report: bool,
              log: Callable[[str], None]) -> dict[str, Any]:
-    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
+    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes, tokenizer=base.tokenizer)
     runs: dict[str, list[dict[str, Any]]] = {}
     plan = []
     for name in names:
@@ -138,11 +139,12 @@ def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_
         except FloatingPointError as exc:
             log(f"  diverged: {exc}")
             res = {"finished": True, "diverged": True, "optimizer": name, "lr": lr, "seed": seed,
-                   "final_val_loss": math.inf, "tokens": 0, "wall_time_s": 0.0}
+                   "final_val_loss": math.inf, "final_val_bpb": math.inf, "tokens": 0, "wall_time_s": 0.0}
         res = {**res, "run_dir": str(run_dir.relative_to(out_dir))}
         runs.setdefault(name, []).append(res)
         if not res.get("diverged"):
-            log(f"  final val loss {res['final_val_loss']:.4f}  ({res['wall_time_s']:.1f}s, {res['step_ms']:.1f} ms/step)")
+            log(f"  final val loss {res['final_val_loss']:.4f} ({res['final_val_bpb']:.4f} bpb)  "
+                f"({res['wall_time_s']:.1f}s, {res['step_ms']:.1f} ms/step)")
 
     log("timing one training step of each optimizer, alternating them in one process ...")
     step_ms = interleaved_step_ms(names, base)
@@ -150,6 +152,7 @@ def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_
     summary["config"] = {**asdict(base), "seeds": list(seeds), "sweep": sweep,
                          "lr_multipliers": list(lr_multipliers) if sweep else [1.0]}
     summary["corpus"] = corpus.meta
+    summary["tokenizer"] = corpus.tokenizer_meta
     summary["environment"] = environment()
     write_summary(summary, out_dir)
     if report:
@@ -182,12 +185,15 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str, out_dir: Pat
         best = min(sweep, key=lambda s: s["final_val_loss"])
         chosen = [r for r in by_lr[best["lr"]] if not r.get("diverged")]
         losses = [r["final_val_loss"] for r in chosen] or [math.inf]
+        bpbs = [r.get("final_val_bpb") for r in chosen]
         per_opt[name] = {
             "optimizer": name,
             "family": get_entry(name).family,
             "best_lr": best["lr"],
             "final_val_loss": statistics.fmean(losses),
             "final_val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            # bits per byte: the same losses on a tokenizer-free axis (None for results without it)
+            "final_val_bpb": statistics.fmean(bpbs) if bpbs and None not in bpbs else None,
             "seeds": len(chosen),
             "tokens": chosen[0]["tokens"] if chosen else 0,
             "wall_time_s": statistics.fmean([r["wall_time_s"] for r in chosen]) if chosen else math.nan,
@@ -217,10 +223,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str, out_dir: Pat
         if step_ms:
             s["step_ms_interleaved"] = step_ms[name]
         s["speedup_time"] = (s["speedup_tokens"] * step_ms[baseline] / step_ms[name]) if step_ms and s["speedup_tokens"] else None
-    return {"baseline": baseline, "target_val_loss": target, "optimizers": per_opt}
+    return {"baseline": baseline, "target_val_loss": target, "target_val_bpb": per_opt[baseline]["final_val_bpb"],
+            "optimizers": per_opt}
 
 
-SUMMARY_COLUMNS = ["optimizer", "best_lr", "final_val_loss", "final_val_loss_std", "seeds", "tokens", "wall_time_s",
+SUMMARY_COLUMNS = ["optimizer", "best_lr", "final_val_loss", "final_val_loss_std", "final_val_bpb", "seeds", "tokens",
+                   "wall_time_s",
                    "step_ms", "step_ms_interleaved", "tokens_to_baseline", "time_to_baseline_s", "speedup_tokens",
                    "speedup_time", "speedup_time_wallclock", "optimizer_state_bytes"]
 
@@ -247,14 +255,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = []
     for s in summary["optimizers"].values():
         rows.append([
-            s["optimizer"], f"{s['best_lr']:.3g}", s["final_val_loss"], s["tokens"], s["wall_time_s"],
+            s["optimizer"], f"{s['best_lr']:.3g}", s["final_val_loss"], "-" if s.get("final_val_bpb") is None
+            else s["final_val_bpb"], s["tokens"], s["wall_time_s"],
             s.get("step_ms_interleaved", s["step_ms"]),
             "-" if s["speedup_tokens"] is None else f"{s['speedup_tokens']:.2f}x",
             "-" if s["speedup_time"] is None else f"{s['speedup_time']:.2f}x",
         ])
-    head = ["optimizer", "lr", "final val loss", "tokens", "time (s)", "ms/step", "tokens speed-up", "time speed-up"]
-    return (f"baseline {summary['baseline']} final val loss {summary['target_val_loss']:.4f}\n"
-            + format_table(head, rows))
+    head = ["optimizer", "lr", "final val loss", "val bpb", "tokens", "time (s)", "ms/step", "tokens speed-up",
+            "time speed-up"]
+    bpb = summary.get("target_val_bpb")
+    return (f"baseline {summary['baseline']} final val loss {summary['target_val_loss']:.4f}"
+            + ("" if bpb is None else f" ({bpb:.4f} bits per byte)") + "\n" + format_table(head, rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +321,7 @@ def efficiency(
 def _efficiency(optimizer: str, baseline: str, base: TrainConfig, fractions: tuple[float, ...], sweep: bool,
                 lr_multipliers: tuple[float, ...], seeds: tuple[int, ...], out_dir: Path, progress: bool,
                 log: Callable[[str], None]) -> dict[str, Any]:
-    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
+    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes, tokenizer=base.tokenizer)
 
     def run_set(name: str, steps: int) -> dict[str, Any]:
         default_lr = get_entry(name).lr_for(base.model)
@@ -324,12 +335,14 @@ def _efficiency(optimizer: str, baseline: str, base: TrainConfig, fractions: tup
                 try:
                     res = train(cfg, rd, progress=progress, corpus=corpus)
                 except FloatingPointError:
-                    res = {"final_val_loss": math.inf, "wall_time_s": math.inf, "tokens": 0, "seed": seed}
+                    res = {"final_val_loss": math.inf, "final_val_bpb": math.inf, "wall_time_s": math.inf, "tokens": 0,
+                           "seed": seed}
                 by_lr.setdefault(lr, []).append(res)
         best_lr = min(by_lr, key=lambda lr: statistics.fmean(r["final_val_loss"] for r in by_lr[lr]))
         rs = by_lr[best_lr]
         return {"steps": steps, "best_lr": best_lr, "tokens": rs[0]["tokens"],
                 "final_val_loss": statistics.fmean(r["final_val_loss"] for r in rs),
+                "final_val_bpb": statistics.fmean(r["final_val_bpb"] for r in rs),
                 "per_seed_loss": {r["seed"]: r["final_val_loss"] for r in rs},
                 "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
                 "per_seed_time": {r["seed"]: r["wall_time_s"] for r in rs},
@@ -397,12 +410,12 @@ def interleaved_step_ms(names: list[str], base: TrainConfig, steps: int = 20, wa
     """
     import torch
 
-    from .model import GPT, GPTConfig
-    from .train import forward_backward, resolve_device
+    from .model import GPT
+    from .train import forward_backward, model_config, resolve_device
     from .zoo import build_optimizer
 
-    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
-    mcfg = GPTConfig.from_name(base.model, **base.model_overrides)
+    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes, tokenizer=base.tokenizer)
+    mcfg = model_config(base, corpus.vocab_size)
     seq_len = base.seq_len or mcfg.seq_len
     device = resolve_device(base.device)
     setups = []

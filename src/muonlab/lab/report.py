@@ -61,7 +61,7 @@ def draw_plots(out_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
                         label=opt if i == 0 else None, color=_color(opt, list(curves)))
         ax.axhline(target, color="k", ls=":", lw=0.8, label=f"{summary['baseline']} final")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/byte)")
+        ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(f"validation loss vs {xlabel.split(' (')[0]}")
         ax.grid(True, alpha=0.3)
         ax.legend()
@@ -153,6 +153,7 @@ def write_report(out_dir: str | Path) -> Path:
         rows.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in [
                 _esc(s.get("optimizer")), _fmt(s.get("best_lr")), _fmt(s.get("final_val_loss")) + spread,
+                _fmt(s.get("final_val_bpb")),
                 _fmt(s.get("tokens")), _fmt(round(ttb) if isinstance(ttb, (int, float)) else ttb),
                 _fmt(s.get("speedup_tokens"), "x"), _fmt(s.get("wall_time_s")),
                 _fmt(s.get("time_to_baseline_s")), _fmt(s.get("speedup_time"), "x"),
@@ -181,14 +182,16 @@ pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}
 </style></head>
 <body>
 <h1>muonlab: optimizer comparison</h1>
-<p>Model <b>{_esc(config.get('model'))}</b>, {_fmt(config.get('steps'))} steps per run,
-baseline <b>{_esc(summary['baseline'])}</b> (final validation loss {target}).
+<p>Model <b>{_esc(config.get('model'))}</b>, tokenizer <b>{_esc(config.get('tokenizer', 'bytes'))}</b>,
+{_fmt(config.get('steps'))} steps per run, baseline <b>{_esc(summary['baseline'])}</b> (final validation loss {target}).
+Losses are nats per token; bits per byte = loss × tokens / (bytes × ln 2) over the same evaluated text, so runs
+with different tokenizers compare on it.
 Token speed-up = baseline's tokens / tokens this optimizer needed to reach the baseline's final loss (same seed),
 read off its validation curve. Time speed-up = token speed-up × baseline step time / this step time, with step times
 measured by alternating the optimizers' training steps in one process (robust to background load); the separate
 runs' wall clocks are in summary.json as <code>speedup_time_wallclock</code>.</p>
 <table id="summary">
-<thead><tr><th>optimizer</th><th>best lr</th><th>final val loss</th><th>tokens</th><th>tokens to baseline loss</th>
+<thead><tr><th>optimizer</th><th>best lr</th><th>final val loss</th><th>val bits per byte</th><th>tokens</th><th>tokens to baseline loss</th>
 <th>token speed-up</th><th>train time (s)</th><th>time to baseline loss (s)</th><th>time speed-up</th>
 <th>step (ms, interleaved)</th><th>optimizer state</th></tr></thead>
 <tbody>

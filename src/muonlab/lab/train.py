@@ -4,7 +4,8 @@ A run directory holds:
 
 * ``config.json``   the exact TrainConfig (and the environment) of the run;
 * ``metrics.jsonl`` one JSON object per training step (``kind: "train"``) and per evaluation
-  (``kind: "eval"``): the source of truth every plot is drawn from;
+  (``kind: "eval"``, with ``val_loss`` in nats per token and ``val_bpb`` in bits per byte of the same
+  evaluated text, so runs with different tokenizers compare): the source of truth every plot is drawn from;
 * ``checkpoint.pt`` the latest checkpoint (model, optimizer, scheduler, step), written only from a
   finite state, to a temporary name, fsynced, then moved into place;
 * ``checkpoint.prev.pt`` the checkpoint before it, kept so that a damaged ``checkpoint.pt`` still
@@ -12,7 +13,8 @@ A run directory holds:
 * ``checkpoint.dcp/`` and ``checkpoint.dcp.prev/`` instead, in a parallel run (``--parallel``): the
   same, as sharded ``torch.distributed.checkpoint`` folders written by every rank (see
   :mod:`muonlab.lab.parallel`); a run resumes from the newest good checkpoint of either kind;
-* ``result.json``   written last, when the run finished: final validation loss, tokens, time;
+* ``result.json``   written last, when the run finished: final validation loss (nats per token) and
+  bits per byte, tokens, time;
 * ``muonlab.lock``  present while a run holds the folder (it holds the run's pid): a second run
   on the same folder stops at once with an error naming the pid (see :class:`RunFolder`).
 
@@ -44,7 +46,7 @@ try:  # POSIX advisory locks; the kernel releases them when the holder exits, ho
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-from .data import Corpus, load_corpus
+from .data import DEFAULT_TOKENIZER, Corpus, bits_per_byte, canonical_tokenizer, load_corpus, parse_tokenizer
 from ..qkclip import QKClip
 from .model import GPT, GPTConfig
 from .zoo import build_optimizer, get_entry
@@ -93,6 +95,7 @@ class TrainConfig:
     seed: int = 0
     data: Optional[str] = None  # None: the Python standard library of this interpreter
     max_corpus_bytes: int = 8 * 2**20
+    tokenizer: str = DEFAULT_TOKENIZER  # "bytes" (vocabulary 256) or "bpe:N" (muonlab.lab.data); the model's vocab follows
     device: str = "auto"  # auto | cpu | cuda
     stats_every: int = 0  # record Muon update statistics every N steps (0: at each eval)
     tensorboard: bool = False
@@ -102,6 +105,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_entry(self.optimizer)
+        parse_tokenizer(self.tokenizer)
         mcfg = GPTConfig.from_name(self.model, **self.model_overrides)
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every"):
             v = getattr(self, name)
@@ -133,8 +137,23 @@ class TrainConfig:
         fields_ = asdict(self)
         if fields_["qk_clip"] is None:
             del fields_["qk_clip"]  # runs without QK-Clip keep the keys (and cached results) they had
+        if fields_["tokenizer"] == DEFAULT_TOKENIZER:
+            del fields_["tokenizer"]  # byte-level runs keep the keys (and cached results) they had
         blob = json.dumps(fields_, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The run's GPTConfig: the named size with ``cfg.model_overrides``, its vocabulary widened to the
+    tokenizer's ``vocab_size`` when it is smaller (a size or an override may name a larger, padded
+    vocabulary, as gpt2-small's 50304, which is kept)."""
+    mcfg = GPTConfig.from_name(cfg.model, **cfg.model_overrides)
+    if mcfg.vocab_size < vocab_size:
+        if "vocab_size" in cfg.model_overrides:
+            raise ValueError(f"model_overrides vocab_size={mcfg.vocab_size} is smaller than the {cfg.tokenizer} "
+                             f"tokenizer's {vocab_size} tokens")
+        mcfg = GPTConfig.from_name(cfg.model, **{**cfg.model_overrides, "vocab_size": vocab_size})
+    return mcfg
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -695,6 +714,10 @@ def train(
     if resume:
         done = _read_result(run_dir / "result.json")
         if done is not None and done.get("config_key") == cfg.key():
+            if "final_val_bpb" not in done and cfg.tokenizer == DEFAULT_TOKENIZER and isinstance(
+                    done.get("final_val_loss"), (int, float)):
+                # a result written before bits per byte were reported: for bytes, bpb = loss / ln 2
+                done = {**done, "final_val_bpb": done["final_val_loss"] / math.log(2)}
             return done
     device = resolve_device(cfg.device)
     from .parallel import setup as setup_parallel
@@ -723,8 +746,11 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
     entry = get_entry(cfg.optimizer)
     lr_shown = cfg.lr if cfg.lr is not None else entry.lr_for(cfg.model)
 
-    corpus = corpus or load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
-    mcfg = GPTConfig.from_name(cfg.model, **cfg.model_overrides)
+    corpus = corpus or load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes, tokenizer=cfg.tokenizer)
+    if corpus.tokenizer.spec != canonical_tokenizer(cfg.tokenizer):
+        raise ValueError(f"the corpus passed in is tokenized by {corpus.tokenizer.spec}, the config asks for "
+                         f"tokenizer={cfg.tokenizer!r}; load it with load_corpus(..., tokenizer={cfg.tokenizer!r})")
+    mcfg = model_config(cfg, corpus.vocab_size)
     seq_len = cfg.seq_len or mcfg.seq_len
     if seq_len > mcfg.seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's context length {mcfg.seq_len}")
@@ -747,6 +773,12 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
     # QK-Clip (after wrap: the specs point at the parameters the optimizer updates, DTensors included)
     qk_clip = QKClip(inner.qk_clip_specs(), cfg.qk_clip) if cfg.qk_clip is not None else None
     val_batches = corpus.val_batches(cfg.batch_size, seq_len, cfg.eval_batches)
+    # bits per byte over exactly the evaluated text: the targets' tokens and the bytes they spell
+    val_tokens = sum(int(y.numel()) for _, y in val_batches)
+    val_bytes = sum(corpus.count_bytes(y) for _, y in val_batches)
+
+    def bpb(loss: float) -> float:
+        return bits_per_byte(loss, val_tokens, val_bytes)
 
     start_step, train_time = 0, 0.0
     loaded = _resume(run_dir, par, model, opt, cfg) if resume else None  # the newest good checkpoint
@@ -762,7 +794,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
         atomic_write_text(
             run_dir / "config.json",
             json.dumps({"config": asdict(cfg), "config_key": cfg.key(), "model_config": mcfg.to_dict(),
-                        "n_params": inner.num_parameters(), "corpus": corpus.meta, "environment": environment(),
+                        "n_params": inner.num_parameters(), "corpus": corpus.meta,
+                        "tokenizer": corpus.tokenizer_meta, "environment": environment(),
                         "optimizer_description": entry.description, "parallel": par.describe()},
                        indent=2, default=str),
         )
@@ -818,7 +851,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
     try:
         if start_step == 0:
             last_val = evaluate(model, val_batches, device, autocast)
-            metrics.write({"kind": "eval", "step": 0, "tokens": 0, "time_s": 0.0, "val_loss": last_val})
+            metrics.write({"kind": "eval", "step": 0, "tokens": 0, "time_s": 0.0, "val_loss": last_val,
+                           "val_bpb": bpb(last_val)})
         model.train()
         while step < cfg.steps:
             if stop_after is not None and step - start_step >= stop_after:
@@ -877,12 +911,14 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
                 if not math.isfinite(last_val):
                     raise diverged("validation loss", last_val, step)
                 metrics.write({"kind": "eval", "step": step, "tokens": step * tokens_per_step, "time_s": train_time,
-                               "val_loss": last_val})
+                               "val_loss": last_val, "val_bpb": bpb(last_val)})
                 if tb is not None:
                     tb.add_scalar("val/loss", last_val, step)
+                    tb.add_scalar("val/bpb", bpb(last_val), step)
                 if progress and not interactive:
                     eta = (cfg.steps - step) * train_time / max(1, step - start_step) if step > start_step else 0.0
-                    print(f"  {cfg.optimizer} step {step}/{cfg.steps} | loss {train_loss:.3f} | val {last_val:.3f} | "
+                    print(f"  {cfg.optimizer} step {step}/{cfg.steps} | loss {train_loss:.3f} | val {last_val:.3f} "
+                          f"({bpb(last_val):.3f} bpb) | "
                           f"{dt * 1e3:.0f} ms | {tokens_per_step / dt / 1e3:.1f}k tok/s | eta {eta:.0f}s", flush=True)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or (stop_after is not None and step - start_step >= stop_after):
                 metrics.flush()
@@ -913,6 +949,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
         "steps": cfg.steps,
         "tokens": cfg.steps * tokens_per_step,
         "final_val_loss": last_val,
+        "final_val_bpb": bpb(last_val),
+        "tokenizer": corpus.tokenizer.spec,
         "wall_time_s": train_time,
         "step_ms": 1e3 * train_time / max(1, cfg.steps - start_step) if start_step == 0 else None,
         "optimizer_state_bytes": optimizer_state_bytes(opt),
@@ -925,7 +963,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
     if main:
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     if log:
-        log(f"{cfg.optimizer}: final val loss {last_val:.4f} after {result['tokens']:,} tokens in {train_time:.1f}s")
+        log(f"{cfg.optimizer}: final val loss {last_val:.4f} ({result['final_val_bpb']:.4f} bits per byte) after "
+            f"{result['tokens']:,} tokens in {train_time:.1f}s")
     return result
 
 

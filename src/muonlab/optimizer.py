@@ -26,9 +26,11 @@ from .routing import ParamGroups, RouteRow, RoutingReport, describe_matrices, mu
 from .updates import (
     ADJUST_LR_MODES,
     MOMENTUM_FORMS,
+    adamw_multi_,
     adamw_step_,
     adjust_lr_scale,
     apply_weight_decay_,
+    fused_adamw_available,
     momentum_direction,
     normuon_normalize,
     rms_step_,
@@ -101,7 +103,11 @@ class Muon(Optimizer):
         batched: stack same-shape matrices into one orthogonalization (default True); False is the
             per-matrix reference loop.
         batch_max_elements: most elements per stacked call (default: 2**20 on CPU, 2**28 on CUDA).
-        foreach: use ``torch._foreach`` kernels for the momentum update (default: True).
+        foreach: use ``torch._foreach`` kernels for the momentum update and the AdamW groups
+            (default: True); False runs the per-parameter reference loops.
+        fused: the AdamW groups through ``torch._fused_adamw_`` (one kernel per device and dtype):
+            None (default) where it exists for the device and dtype, else foreach kernels; False
+            always foreach; True requires it. No path reads a value back to the host per parameter.
         compile: orthogonalize through ``torch.compile`` (see :func:`muonlab.orthogonalize`):
             fused normalization and elementwise work, fewer kernel launches on GPUs. The first
             step pays the compilation (tens of seconds); numbers equal the eager path to rounding.
@@ -152,6 +158,7 @@ class Muon(Optimizer):
         batched: bool = True,
         batch_max_elements: Optional[int] = None,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
         compile: bool = False,
         track_stats: bool = False,
         process_group: Any = None,
@@ -192,6 +199,9 @@ class Muon(Optimizer):
             raise ValueError(f"batch_max_elements must be a positive int or None, got {batch_max_elements!r}")
         self.batch_max_elements = batch_max_elements
         self.foreach = True if foreach is None else foreach
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         self.compile = compile
@@ -342,7 +352,7 @@ class Muon(Optimizer):
     # Optimizer.__getstate__ keeps only defaults/state/param_groups; deepcopy and pickle would drop
     # these attributes and step() would fail with AttributeError.
     _EXTRA_STATE = {
-        "nonfinite": "raise", "batched": True, "batch_max_elements": None, "foreach": True, "compile": False, "track_stats": False, "last_stats": {},
+        "nonfinite": "raise", "batched": True, "batch_max_elements": None, "foreach": True, "fused": None, "compile": False, "track_stats": False, "last_stats": {},
         "skipped_steps": 0, "_reasons": {}, "_frozen": [], "_warned_plain": False,
         "process_group": None, "last_dist_times": {}, "dist_bucket_bytes": None, "last_shard_plan": None,
         "_plan_cache": None, "_ordinals": None,
@@ -597,23 +607,26 @@ class Muon(Optimizer):
             items.append((name, p, state["momentum_buffer"], view))
         if not items:
             return []
-        cdts = [_compute_dtype(p, buf) for _, p, buf, _ in items]
-        grads = [_as(p.grad, c) for (_, p, _, _), c in zip(items, cdts)]
-        bufs = [b for _, _, b, _ in items]
-        work = [_as(b, c) for b, c in zip(bufs, cdts)]  # the buffer itself when it is in the compute dtype
         clip = group["clip_momentum_norm"]
-        same = len({(g.device, g.dtype) for g in grads}) == 1
-        if self.foreach and form == "ema" and clip is None and same:
-            # DTensor (FSDP2): the elementwise update runs on the local shards; the other path below
-            # keeps DTensors, so that the clipping norm is the global one
-            grads_l, work_l = [_dist.local(g) for g in grads], [_dist.local(w) for w in work]
-            torch._foreach_lerp_(work_l, grads_l, 1 - mu)
-            dirs = torch._foreach_lerp(grads_l, work_l, mu) if nesterov else work_l
-        else:
-            dirs = [momentum_direction(g, w, mu, nesterov, form, clip) for g, w in zip(grads, work)]
-        for (_, p, buf, _), w in zip(items, work):
-            if w is not buf:
-                _store(buf, w, self._rounding_generator(p, buf))  # one rounding into the narrower buffer
+        widen = any(not (p.dtype == buf.dtype == _compute_dtype(p, buf)) for _, p, buf, _ in items)
+        dirs: list[Tensor] = []
+        # widened copies are made a chunk at a time, so that bf16 state stays small at the peak too
+        for chunk in _chunk_by_numel(items, _WIDEN_CHUNK if widen else None, lambda it: it[1].numel()):
+            cdts = [_compute_dtype(p, buf) for _, p, buf, _ in chunk]
+            grads = [_as(p.grad, c) for (_, p, _, _), c in zip(chunk, cdts)]
+            work = [_as(buf, c) for (_, _, buf, _), c in zip(chunk, cdts)]  # the buffer itself in the compute dtype
+            same = len({(g.device, g.dtype) for g in grads}) == 1
+            if self.foreach and form == "ema" and clip is None and same:
+                # DTensor (FSDP2): the elementwise update runs on the local shards; the other path below
+                # keeps DTensors, so that the clipping norm is the global one
+                grads_l, work_l = [_dist.local(g) for g in grads], [_dist.local(w) for w in work]
+                torch._foreach_lerp_(work_l, grads_l, 1 - mu)
+                dirs.extend(torch._foreach_lerp(grads_l, work_l, mu) if nesterov else work_l)
+            else:
+                dirs.extend(momentum_direction(g, w, mu, nesterov, form, clip) for g, w in zip(grads, work))
+            for (_, p, buf, _), w in zip(chunk, work):
+                if w is not buf:
+                    _store(buf, w, self._rounding_generator(p, buf))  # one rounding into the narrower buffer
         return [(group, name, p, d, view) for (name, p, _, view), d in zip(items, dirs)]
 
     def _muon_apply(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
@@ -640,7 +653,7 @@ class Muon(Optimizer):
             self._run_bucket(key, pairs)
         # 3. per parameter: NorMuon, shape scale, weight decay, the step
         for (group, name, p, _, view), upd in zip(pending, updates):
-            lr = _scalar(group["lr"])
+            lr = group["lr"]  # a tensor lr stays a tensor: no host sync
             state = self.state[p]
             blks = blocks(upd, view)
             if group["normuon"]:
@@ -660,7 +673,7 @@ class Muon(Optimizer):
                 b.mul_(adjust_lr_scale(b.shape[-2], b.shape[-1], group["adjust_lr_fn"]))
             _apply_update(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
             if self.track_stats:
-                stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * lr
+                stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * _scalar(lr)
 
     def _muon_apply_sharded(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
                             stats: dict[str, dict[str, float]], pg: Any) -> None:
@@ -733,7 +746,7 @@ class Muon(Optimizer):
                 stats[name] = {"ortho_residual": h[0], "sv_min": -h[2], "sv_max": h[1],
                                "update_rms": math.sqrt(sq / max(1, p.numel())) * _scalar(group["lr"])}
         for (group, name, p, _, _), upd in zip(pending, upds):
-            lr = _scalar(group["lr"])
+            lr = group["lr"]
             _apply_update(_dist.local(p), upd, lr, group["weight_decay"], group["cautious_weight_decay"])
 
     def _shard_plan(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]], pg: Any) -> _dist.ShardPlan:
@@ -831,35 +844,68 @@ class Muon(Optimizer):
         return gen
 
     def _adamw_group(self, group: dict[str, Any], stats: dict[str, dict[str, float]]) -> None:
+        """AdamW on every parameter of the group with a gradient: one fused kernel (or foreach
+        kernels) per (device, dtype) bucket, no host synchronisation; ``foreach=False`` runs the
+        per-parameter reference loop. Low-precision parameters or state are widened to the compute
+        dtype, stepped, and rounded once (stochastically into bf16 state)."""
         beta1, beta2 = group["betas"]
-        lr = _scalar(group["lr"])
+        lr = group["lr"]
+        items = []
         for name, p in zip(group["param_names"], group["params"]):
             if p.grad is None:
                 continue
             state = self.state[p]
+            device = _dist.local(p).device
             if "exp_avg" not in state:
                 sd = _state_dtype(group, p)
-                state["step"] = torch.tensor(0.0)
+                # the step lives on the parameter's device: fused kernels read it there
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
-            state["step"] += 1
-            before = _dist.local(p).detach().clone() if self.track_stats else None
-            # DTensor (FSDP2): AdamW is elementwise, so it runs on the local shards. Low-precision
-            # tensors are widened to the compute dtype and each result is rounded once.
-            real = [_dist.local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-            cdt = _compute_dtype(p, state["exp_avg"])
-            work = [_as(t, cdt) for t in real]
-            adamw_step_(*work, int(state["step"].item()),
-                        lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-            gen = self._rounding_generator(p, state["exp_avg"])
-            for i in (0, 2, 3):
-                if work[i] is not real[i]:
-                    _store(real[i], work[i], gen if i else None)
-            if before is not None:
-                stats[name] = {"update_rms": float((_dist.local(p) - before).float().square().mean().sqrt())}
+            elif state["step"].device != device:
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)  # an older checkpoint's CPU step
+            items.append((name, p, state))
+        if not items:
+            return
+        befores = [(name, p, _dist.local(p).detach().clone()) for name, p, _ in items] if self.track_stats else []
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if not self.foreach:
+            for name, p, state in items:  # the reference loop
+                state["step"] += 1
+                real = [_dist.local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                work = [_as(t, _compute_dtype(p, state["exp_avg"])) for t in real]
+                adamw_step_(*work, int(state["step"].item()), **{**hyper, "lr": _scalar(lr)})
+                self._store_adamw(p, state, real, work)
+        else:
+            buckets: dict[tuple, list] = defaultdict(list)
+            for name, p, state in items:
+                local = _dist.local(p)
+                buckets[(local.device, local.dtype, state["exp_avg"].dtype)].append((p, state))
+            for (device, p_dtype, s_dtype), members in buckets.items():
+                cdt = torch.float64 if torch.float64 in (p_dtype, s_dtype) else torch.float32
+                fused = self.fused is not False and fused_adamw_available(device, cdt)
+                if self.fused is True and not fused:
+                    raise RuntimeError(f"fused=True but torch._fused_adamw_ has no kernel for {cdt} on {device}")
+                for chunk in _chunk_by_numel(members, None if p_dtype == s_dtype == cdt else _WIDEN_CHUNK):
+                    torch._foreach_add_([st["step"] for _, st in chunk], 1)
+                    reals = [[_dist.local(t) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])] for p, st in chunk]
+                    works = [[_as(t, cdt) for t in real] for real in reals]
+                    adamw_multi_(*[[w[i] for w in works] for i in range(4)], [st["step"] for _, st in chunk],
+                                 fused=fused, **hyper)
+                    for (p, st), real, work in zip(chunk, reals, works):
+                        self._store_adamw(p, st, real, work)
+        for name, p, before in befores:
+            stats[name] = {"update_rms": float((_dist.local(p) - before).float().square().mean().sqrt())}
+
+    def _store_adamw(self, p: Tensor, state: dict[str, Any], real: list[Tensor], work: list[Tensor]) -> None:
+        """Round widened results back: the parameter to nearest, the moments (bf16) stochastically."""
+        gen = self._rounding_generator(p, state["exp_avg"]) if work[2] is not real[2] else None
+        for i in (0, 2, 3):
+            if work[i] is not real[i]:
+                _store(real[i], work[i], gen if i else None)
 
     def _rms_group(self, group: dict[str, Any], stats: dict[str, dict[str, float]]) -> None:
-        lr = _scalar(group["lr"])
+        lr = group["lr"]
         for name, p in zip(group["param_names"], group["params"]):
             if p.grad is None:
                 continue
@@ -933,6 +979,27 @@ def _store(dst: Tensor, src: Tensor, generator: Optional[torch.Generator] = None
         stochastic_round_(d, s_, generator)
     else:
         d.copy_(s_)
+
+
+_WIDEN_CHUNK = 2**24  # elements widened to fp32 at a time (bounds the temporary copies)
+
+
+def _chunk_by_numel(members: list, limit: Optional[int], numel: Callable[[Any], int] = lambda m: m[0].numel()) -> list[list]:
+    """Consecutive chunks of ``members`` (by default (parameter, state) pairs) of at most ``limit``
+    elements each (a larger member forms its own chunk; None: one chunk)."""
+    if limit is None:
+        return [members]
+    chunks, current, size = [], [], 0
+    for pair in members:
+        n = numel(pair)
+        if current and size + n > limit:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(pair)
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _rounding_seed(index: int, count: int) -> int:

@@ -7,8 +7,11 @@ place) and return update directions. ``muonlab.optimizer.Muon`` calls them, batc
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
+
+Number = Union[float, torch.Tensor]  # a learning rate: a float or a 0-d tensor (read on device, never synced)
 
 ADJUST_LR_MODES = ("original", "match_rms_adamw", "spectral", "none")
 MOMENTUM_FORMS = ("ema", "sum")
@@ -82,7 +85,7 @@ def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float
     return out * scale
 
 
-def apply_weight_decay_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, cautious: bool) -> None:
+def apply_weight_decay_(param: torch.Tensor, update: torch.Tensor, lr: Number, weight_decay: float, cautious: bool) -> None:
     """Decoupled weight decay θ <- θ − lr·λ·θ (Loshchilov & Hutter).
 
     ``cautious=True`` decays only coordinates where the update and the parameter share a sign,
@@ -92,6 +95,8 @@ def apply_weight_decay_(param: torch.Tensor, update: torch.Tensor, lr: float, we
         return
     if not cautious:
         param.mul_(1 - lr * weight_decay)
+    elif isinstance(lr, torch.Tensor):
+        param.mul_(1 - (update * param > 0).to(param.dtype) * (lr * weight_decay))
     else:
         mask = (update * param > 0).to(param.dtype)
         param.addcmul_(param, mask, value=-lr * weight_decay)
@@ -121,12 +126,75 @@ def adamw_step_(
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def fused_adamw_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._fused_adamw_`` has a kernel for tensors of ``dtype`` on ``device``
+    (fp32/fp64 on CPU, CUDA and XPU, fp32 on MPS; lower precisions are widened by the caller)."""
+    if not hasattr(torch, "_fused_adamw_"):
+        return False
+    if device.type in ("cpu", "cuda", "xpu"):
+        return dtype in (torch.float32, torch.float64)
+    return device.type == "mps" and dtype == torch.float32
+
+
+def adamw_multi_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    lr: Number,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    fused: bool,
+) -> None:
+    """One AdamW step on lists of same-device, same-dtype tensors, as torch.optim.AdamW.
+
+    ``steps`` are 0-d float tensors already counting this step. ``fused=True`` calls
+    ``torch._fused_adamw_`` (one kernel for every tensor); else ``torch._foreach`` kernels with the
+    bias corrections computed from the step tensors on the device. Neither reads a value back to
+    the host, so the step needs no synchronisation per tensor.
+    """
+    if not params:
+        return
+    if isinstance(lr, torch.Tensor) and lr.device != params[0].device:
+        lr = lr.to(params[0].device)  # a copy to the device, not a read back to the host
+    if fused:
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+                            grad_scale=None, found_inf=None)
+        return
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    # per tensor (0-d): step size a = lr / (1 - β1^t) and b = sqrt(1 - β2^t); then
+    # θ <- θ - a·m / (sqrt(v)/b + eps) = θ - m / ((sqrt(v)/b + eps) / a)
+    bc1 = torch._foreach_pow(beta1, steps)
+    torch._foreach_neg_(bc1)
+    torch._foreach_add_(bc1, 1)
+    b = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(b)
+    torch._foreach_add_(b, 1)
+    torch._foreach_sqrt_(b)
+    a = torch._foreach_reciprocal(bc1)
+    torch._foreach_mul_(a, lr)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, b)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, a)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-1)
+
+
 def rms_step_(
     param: torch.Tensor,
     grad: torch.Tensor,
     buf: torch.Tensor,
     *,
-    lr: float,
+    lr: Number,
     momentum: float,
     eps: float,
     weight_decay: float,
@@ -138,7 +206,10 @@ def rms_step_(
     buf.lerp_(grad, 1 - momentum)
     param.mul_(1 - lr * weight_decay)
     rms = torch.sqrt(buf.square().mean() + eps)
-    param.sub_(buf / rms, alpha=lr)
+    if isinstance(lr, torch.Tensor):
+        param.sub_(buf * (lr / rms))
+    else:
+        param.sub_(buf / rms, alpha=lr)
 
 
 def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

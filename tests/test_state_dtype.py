@@ -227,7 +227,7 @@ def test_a_checkpoint_loads_into_another_state_dtype_by_converting():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_deepcopy_continues_exactly():
+def test_a_copied_state_dict_continues_exactly():
     torch.manual_seed(0)
     model = Net()
     opt = _make(model, state_dtype="bf16")

@@ -49,3 +49,37 @@ def test_scaling_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"tokens_per_param must be a positive number, got 0"):
         scaling(["tiny"], tokens_per_param=0, out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_scaling_bad_flags_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args, msg in ((["--steps", "10"], "scaling sets each size's steps from --tokens-per-param; drop --steps/--tokens"),
+                      (["--tokens-per-param", "-1"], "--tokens-per-param must be a positive number, got -1.0"),
+                      (["--sizes", "tiny,huge"], "unknown model size 'huge'")):
+        bad = subprocess.run([sys.executable, "-m", "muonlab", "scaling", *args, "--out", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"muonlab scaling: error: {msg}"), bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_cli_scaling_with_bpe(tmp_path):
+    """`muonlab scaling --tokenizer bpe:300` end to end on a tiny budget (about a minute on 2 cores:
+    the interleaved step timing of every size)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "text.txt"
+    data.write_text("".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(3000)))
+    common = ["--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--data", str(data), "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "muonlab", "scaling", "--sizes", "tiny,mini", "--tokens-per-param",
+                           "0.001", "--min-steps", "4", "--fractions", "0.5,1.0", "--no-sweep", "--seeds-ends", "0",
+                           "--tokenizer", "bpe:300", "--out", str(tmp_path / "s"), *common],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "s" / "scaling.json").read_text())
+    assert [r["model"] for r in res["sizes"]] == ["tiny", "mini"] and res["config"]["tokenizer"] == "bpe:300"
+    assert "token speed-up" in proc.stdout

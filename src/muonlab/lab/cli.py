@@ -149,6 +149,27 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from muonlab.lab.scaling import format_scaling, scaling
+
+    if args.steps is not None or args.tokens is not None:
+        raise ValueError("scaling sets each size's steps from --tokens-per-param; drop --steps/--tokens")
+    if args.model != "tiny":
+        raise ValueError("scaling trains every size of --sizes; drop --model")
+    if not (args.tokens_per_param > 0 and args.tokens_per_param < float("inf")):
+        raise ValueError(f"--tokens-per-param must be a positive number, got {args.tokens_per_param}")
+    if args.min_steps < 1:
+        raise ValueError(f"--min-steps must be >= 1, got {args.min_steps}")
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    base = _base_config(args, DEFAULT_COMPARE_STEPS)
+    res = scaling(sizes, args.optimizer, args.baseline, base=base, tokens_per_param=args.tokens_per_param,
+                  min_steps=args.min_steps, fractions=parse_fractions(args.fractions), sweep=not args.no_sweep,
+                  seeds_ends=parse_seeds(args.seeds_ends), seeds_middle=parse_seeds(args.seeds_middle), out=args.out,
+                  progress=not args.quiet)
+    print(format_scaling(res))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
@@ -221,6 +242,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder [runs/efficiency-<time>]")
     _add_train_args(p, DEFAULT_COMPARE_STEPS)
     p.set_defaults(func=cmd_efficiency)
+
+    p = sub.add_parser("scaling", help="the efficiency measurement at several model sizes (token and time speed-up "
+                                       "against parameters)")
+    p.add_argument("--sizes", default="tiny,mini,small,medium", help="model sizes [tiny,mini,small,medium]")
+    p.add_argument("--optimizer", default="muon")
+    p.add_argument("--baseline", default="adamw")
+    p.add_argument("--tokens-per-param", type=float, default=4.0,
+                   help="training tokens per non-embedding parameter of the baseline's run [4]")
+    p.add_argument("--min-steps", type=int, default=100, help="fewest steps of any size's baseline run [100]")
+    p.add_argument("--fractions", default="0.4,0.5,0.67,0.8,1.0", help="budgets as fractions of each size's steps")
+    p.add_argument("--no-sweep", action="store_true", help="use default learning rates only")
+    p.add_argument("--seeds-ends", default="0,1", help="seeds at the smallest and the largest size [0,1]")
+    p.add_argument("--seeds-middle", default="0", help="seeds at the sizes between [0]")
+    p.add_argument("--out", default=None, help="output folder (resumable) [runs/scaling-<time>]")
+    _add_train_args(p, DEFAULT_COMPARE_STEPS)
+    p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("optimizers", help="list the optimizer zoo")
     p.set_defaults(func=cmd_optimizers)

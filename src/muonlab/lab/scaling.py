@@ -39,18 +39,17 @@ COLUMNS = ["model", "params", "non_embedding_params", "steps", "tokens", "baseli
            "per_seed_token_ratio", "seeds", "train_time_s", "elapsed_s"]
 
 
-def parameter_counts(size: str, overrides: Optional[dict[str, Any]] = None, vocab_size: Optional[int] = None
-                     ) -> tuple[int, int]:
-    """(all parameters, non-embedding parameters) of the lab GPT of ``size`` (built on the meta device)."""
+def parameter_counts(size: str, base: Optional[TrainConfig] = None, vocab_size: int = 256) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters) of the lab GPT of ``size`` with the run's overrides
+    and the tokenizer's vocabulary (built on the meta device)."""
     import torch
 
-    from .model import GPT, GPTConfig
+    from .model import GPT
+    from .train import model_config
 
-    kw = dict(overrides or {})
-    if vocab_size is not None:
-        kw["vocab_size"] = vocab_size
+    cfg = replace(base if base is not None else TrainConfig(), model=size)
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_name(size, **kw))
+        model = GPT(model_config(cfg, vocab_size))
     return model.num_parameters(), model.num_parameters(non_embedding=True)
 
 
@@ -109,15 +108,14 @@ def _scaling(sizes: list[str], optimizer: str, baseline: str, base: TrainConfig,
              min_steps: int, fractions: tuple[float, ...], sweep: bool, seeds_ends: tuple[int, ...],
              seeds_middle: tuple[int, ...], out_dir: Path, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from .data import load_corpus
-    from .model import GPTConfig
+    from .train import model_config
 
-    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes)
-    vocab = getattr(corpus, "vocab_size", None)  # the tokenizer's, when the config names one
-    counts = {s: parameter_counts(s, base.model_overrides, vocab) for s in sizes}
+    corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes, tokenizer=base.tokenizer)
+    counts = {s: parameter_counts(s, base, corpus.vocab_size) for s in sizes}
     order = sorted(sizes, key=lambda s: counts[s][1])
     rows = []
     for i, size in enumerate(order):
-        mcfg = GPTConfig.from_name(size, **base.model_overrides)
+        mcfg = model_config(replace(base, model=size), corpus.vocab_size)
         seq_len = base.seq_len or mcfg.seq_len
         steps = steps_for(counts[size][1], tokens_per_param, base.batch_size * base.grad_accum, seq_len, min_steps)
         seeds = seeds_ends if i in (0, len(order) - 1) else seeds_middle

@@ -187,6 +187,8 @@ for _e in [
     ZooEntry("muon-split", "muon", "Muon Split: attention projections orthogonalized per head (seed 000)", _muon_split, MUON_LR),
     ZooEntry("muon-moonlight", "muon", "Muon with Moonlight's AdamW-matched update RMS (adjust_lr_fn=match_rms_adamw)",
              _muon(adjust_lr_fn="match_rms_adamw"), ADAMW_LR),
+    ZooEntry("muon-bf16state", "muon", "muonlab Muon with bf16 optimizer state (momentum and AdamW moments; fp32 "
+             "arithmetic, stochastic rounding)", _muon(state_dtype="bf16"), MUON_LR),
     ZooEntry("torch-muon", "muon", "torch.optim.Muon (bf16 NS) on hidden 2-D matrices + torch AdamW", _torch_muon, MUON_LR),
     ZooEntry("adamw", "adaptive", "torch.optim.AdamW", _simple("torch.optim.AdamW", betas=ADAMW_BETAS, weight_decay=WEIGHT_DECAY), ADAMW_LR),
     ZooEntry("adam", "adaptive", "torch.optim.Adam", _simple("torch.optim.Adam", betas=ADAMW_BETAS), ADAMW_LR),

@@ -1,4 +1,4 @@
-"""Analysis subcommands: ``paths``, ``memory`` and ``spectrum``.
+"""Analysis subcommands: ``paths``, ``memory``, ``spectrum`` and ``qk-clip-demo``.
 
 ``register(sub)`` adds them to an argparse subparsers object (as :mod:`muonlab.lab.cli` does for
 ``compare``/``train``); heavy imports happen when a command runs. Each command writes its data
@@ -107,6 +107,57 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qk_clip_demo(args: argparse.Namespace) -> int:
+    import math
+    import time
+
+    from muonlab.lab.analysis.qkclip import (
+        PROBE_HEADERS,
+        demo_configs,
+        probe_rows,
+        run_demo,
+        table_headers,
+        table_rows,
+        write_demo,
+    )
+    from muonlab.lab.model import GPTConfig
+    from muonlab.lab.tables import format_table
+
+    mcfg = GPTConfig.from_name(args.model)  # a clear error for an unknown size before any work
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--eval-batches", args.eval_batches), ("--max-corpus-bytes", args.max_corpus_bytes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.seq_len > mcfg.seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.model} model's context length {mcfg.seq_len}")
+    if not (0 < args.tau < math.inf):
+        raise ValueError(f"--tau must be a positive finite number (the clipped run's threshold), got {args.tau}")
+    for flag, value in (("--lr", args.lr), ("--adamw-lr", args.adamw_lr)):
+        if value is not None and not (0 < value < math.inf):
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    if not (0 <= args.warmup < math.inf):
+        raise ValueError(f"--warmup must be >= 0 (steps, or a fraction below 1), got {args.warmup}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
+    if not 0 <= args.probes <= args.steps:
+        raise ValueError(f"--probes must be between 0 and --steps ({args.steps}), got {args.probes}")
+    if not str(args.out).strip():
+        raise ValueError("--out must name a folder, got an empty string")
+    cfgs = demo_configs(model=args.model, optimizer=args.optimizer, lr=args.lr, adamw_lr=args.adamw_lr, tau=args.tau,
+                        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
+                        seed=args.seed, data=args.data, max_corpus_bytes=args.max_corpus_bytes,
+                        eval_batches=args.eval_batches)
+    t0 = time.perf_counter()
+    data = run_demo(cfgs, Path(args.out), probes=args.probes, progress=not args.quiet,
+                    log=None if args.quiet else print)
+    png, js = write_demo(data, Path(args.out))
+    print(format_table(table_headers(data), table_rows(data), markdown=args.markdown))
+    if data["runs"]["clipped"]["probes"]:
+        print(format_table(PROBE_HEADERS, probe_rows(data), markdown=args.markdown))
+    print(f"wrote {png} and {js} ({time.perf_counter() - t0:.0f} s, runs cached in {args.out})")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("paths", help="optimizer paths on the Rosenbrock function or an ill-conditioned quadratic")
     p.add_argument("--function", choices=["rosenbrock", "quadratic"], default="rosenbrock")
@@ -151,3 +202,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="spectrum.png", help="PNG to write; the numbers go to the same name .json")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_spectrum)
+
+    from muonlab.lab.analysis.qkclip import DEFAULTS as QK  # the demo's settings, in one place
+
+    p = sub.add_parser("qk-clip-demo",
+                       help="a run pushed until its attention logits explode, with and without QK-Clip")
+    p.add_argument("--model", default=QK["model"], help=f"model size name [{QK['model']}]")
+    p.add_argument("--optimizer", default=QK["optimizer"], help=f"zoo name [{QK['optimizer']}]")
+    p.add_argument("--lr", type=float, default=QK["lr"], help=f"learning rate (Muon's matrices) [{QK['lr']}]")
+    p.add_argument("--adamw-lr", type=float, default=QK["adamw_lr"], help="lr of the AdamW part [the zoo default]")
+    p.add_argument("--tau", type=float, default=QK["tau"],
+                   help=f"QK-Clip threshold of the clipped run [{QK['tau']:g}]")
+    p.add_argument("--steps", type=int, default=QK["steps"], help=f"optimizer steps per run [{QK['steps']}]")
+    p.add_argument("--batch-size", type=int, default=QK["batch_size"], help=f"[{QK['batch_size']}]")
+    p.add_argument("--seq-len", type=int, default=QK["seq_len"], help=f"context length [{QK['seq_len']}]")
+    p.add_argument("--warmup", type=float, default=QK["warmup"],
+                   help=f"warmup steps (>=1) or fraction (<1), then a constant lr [{QK['warmup']}]")
+    p.add_argument("--seed", type=int, default=QK["seed"])
+    p.add_argument("--probes", type=int, default=QK["probes"],
+                   help="how many steps (spread evenly, the last included) to re-measure the max logit at, after "
+                        f"the update and the clip, on the step's own batch (0: none) [{QK['probes']}]")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches [8]")
+    p.add_argument("--data", default=None, help="text file or folder [the Python standard library]")
+    p.add_argument("--max-corpus-bytes", type=int, default=8 * 2**20)
+    p.add_argument("--out", default="runs/qkclip-demo",
+                   help="folder for both runs (reused when run again) and qkclip_demo.png/.json [runs/qkclip-demo]")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_qk_clip_demo)

@@ -12,20 +12,32 @@ For G = U Σ Vᵀ, msign(G) = U Vᵀ = G (GᵀG)^(-1/2) = (G Gᵀ)^(-1/2) G (see
 * ``"newton_schulz"``: the odd-polynomial iteration X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X with a
   coefficient schedule (see :mod:`muonlab.coefficients`).
 * ``"gram"``: the same polynomial iteration carried out on the small m x m Gram matrix;
-  the accumulated polynomial is applied to G once at the end (fewer FLOPs when m << n).
+  the accumulated polynomial is applied to G once at the end (fewer FLOPs when m << n). In
+  bf16/fp16 it restarts from X <- P X every 2 steps, which keeps it stable.
 * ``"inverse_sqrt"``: the coupled Newton-Schulz iteration for (GGᵀ + eps I)^(-1/2) of seed 002.
-* ``"auto"``: ``"gram"`` where it needs at most 3/4 of ``"newton_schulz"``'s FLOPs (n >= ~2.8m
-  for 5 steps), the short side is at least 128 and the iteration runs in fp32/fp64;
+* ``"auto"``: ``"gram"`` where it needs at most 0.8 of ``"newton_schulz"``'s FLOPs (for 5 steps
+  n >= ~2.2m in fp32/fp64, n >= ~3.6m in bf16/fp16) and the short side is at least 128;
   ``"newton_schulz"`` otherwise (see :func:`choose_method`). Both run the same polynomial, so the
   choice changes only rounding.
 
-Inputs of shape (..., m, n) are batches of matrices. Tall matrices are transposed so that the
-work is always done on the short side.
+Inputs of shape (..., m, n) are batches of matrices. The work is always done on the short side,
+without transposing: a tall matrix is iterated on XᵀX (a transposing copy costs as much as several
+products on a CPU), and a transposed view is worked on in its own memory layout, which the result
+keeps.
+
+The iteration dtype: an explicit ``dtype`` always wins; otherwise fp64 input stays fp64 and every
+other input runs in :func:`default_dtype` of its device (``$MUONLAB_NS_DTYPE``, else bf16 on CUDA
+GPUs with native bf16, else whichever of bf16/fp32 a one-time matmul measurement finds faster).
+See docs/performance.md.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -51,24 +63,157 @@ _DTYPE_NAMES = {
 }
 
 
-def resolve_dtype(dtype: "torch.dtype | str | None", device: torch.device, input_dtype: torch.dtype) -> torch.dtype:
-    """The iteration dtype. ``None`` means: bf16 on CUDA (tensor cores), fp32 elsewhere.
+# --------------------------------------------------------------------------------------------
+# The iteration dtype: chosen by the machine (a capability check or a one-time measurement)
+# --------------------------------------------------------------------------------------------
 
-    On CPU, bf16 matmuls are far slower than fp32 (measured on this project's 2-core CPU: 512²
-    fp32 matmul 2.6 ms vs bf16 214 ms), so fp32 is the CPU default. float64 input keeps float64.
-    """
-    if dtype is None:
-        if input_dtype == torch.float64:
-            return torch.float64
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+#: Environment variable that replaces the measured default iteration dtype (``bf16``, ``fp32``, ...;
+#: ``auto`` or empty: measure). An explicit ``dtype=`` argument still wins over it.
+NS_DTYPE_ENV = "MUONLAB_NS_DTYPE"
+
+# The probe times a _PROBE_SIZE² matmul in fp32 and bf16, _PROBE_ROUNDS times interleaved, and
+# takes bf16 when its best time is at most _BF16_MAX_TIME_RATIO of fp32's: bf16 costs accuracy
+# (~1e-2 relative in the update), so it must buy a clear speed-up. 256 is large enough to reach
+# the fast kernels (on an AVX512-BF16/AMX Xeon: fp32 0.19 ms, bf16 0.05 ms) and small enough
+# that a CPU without bf16 units, where one such matmul takes ~30 ms, pays well under 0.2 s once.
+_PROBE_SIZE = 256
+_PROBE_ROUNDS = 3
+_PROBE_MAX_ROUNDS = 10
+_BF16_MAX_TIME_RATIO = 0.8
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """What :func:`default_dtype` decided for one device, and why."""
+
+    dtype: torch.dtype
+    reason: str
+    fp32_ms: Optional[float] = None
+    bf16_ms: Optional[float] = None
+
+
+_DTYPE_CACHE: dict[tuple[str, Optional[int]], DtypeChoice] = {}
+
+
+def _parse_dtype(dtype: "torch.dtype | str", where: str) -> torch.dtype:
     if isinstance(dtype, str):
-        key = dtype.lower()
+        key = dtype.strip().lower()
         if key not in _DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(set(_DTYPE_NAMES))}")
+            raise ValueError(f"{where}: unknown dtype {dtype!r}; valid: {sorted(set(_DTYPE_NAMES))}")
         return _DTYPE_NAMES[key]
     if isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         return dtype
-    raise ValueError(f"unsupported iteration dtype {dtype!r}; use bf16, fp16, fp32 or fp64")
+    raise ValueError(f"{where}: unsupported iteration dtype {dtype!r}; use bf16, fp16, fp32 or fp64")
+
+
+def resolve_dtype(dtype: "torch.dtype | str | None", device: torch.device, input_dtype: torch.dtype) -> torch.dtype:
+    """The iteration dtype for an input of ``input_dtype`` on ``device``.
+
+    An explicit ``dtype`` is always used as given. ``None``: fp64 input keeps fp64; otherwise the
+    dtype :func:`default_dtype` chose for this device (``$MUONLAB_NS_DTYPE`` if set, else bf16 on
+    CUDA GPUs with native bf16 and, on other devices, whichever of bf16/fp32 a one-time matmul
+    measurement finds clearly faster).
+    """
+    if dtype is not None:
+        return _parse_dtype(dtype, "dtype")
+    if input_dtype == torch.float64:
+        return torch.float64
+    return default_dtype(device)
+
+
+def default_dtype(device: "torch.device | str") -> torch.dtype:
+    """The iteration dtype used when none is given, decided once per process and device.
+
+    Order: the environment variable ``MUONLAB_NS_DTYPE`` (read on every call, so tests and users
+    can set it at any time); else a cached decision per (device type, index): a CUDA GPU with
+    compute capability >= 8.0 (native bf16 tensor cores) takes bf16 without measuring; any other
+    device (CPU, older GPUs, MPS, ...) times a 256x256 matmul in fp32 and bf16 and takes bf16 only
+    where it is at least 1.25x faster (:func:`dtype_choice` tells what was measured).
+    """
+    return dtype_choice(device).dtype
+
+
+def dtype_choice(device: "torch.device | str") -> DtypeChoice:
+    """The :class:`DtypeChoice` behind :func:`default_dtype` for ``device`` (measured on first use)."""
+    device = torch.device(device)
+    env = os.environ.get(NS_DTYPE_ENV, "").strip()
+    if env and env.lower() != "auto":
+        return DtypeChoice(_parse_dtype(env, f"environment variable {NS_DTYPE_ENV}"), f"{NS_DTYPE_ENV}={env}")
+    key = _device_key(device)
+    choice = _DTYPE_CACHE.get(key)
+    if choice is None:
+        choice = _DTYPE_CACHE[key] = _choose_dtype(device)
+    return choice
+
+
+def _device_key(device: torch.device) -> tuple[str, Optional[int]]:
+    index = device.index
+    if index is None and device.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+    return (device.type, index)
+
+
+def _choose_dtype(device: torch.device) -> DtypeChoice:
+    if device.type == "cuda" and _cuda_native_bf16(device):
+        return DtypeChoice(torch.bfloat16, "CUDA compute capability >= 8.0: native bf16 tensor cores")
+    fp32_s, bf16_s = _probe_matmul_seconds(device)
+    ms = dict(fp32_ms=fp32_s * 1e3, bf16_ms=bf16_s * 1e3 if math.isfinite(bf16_s) else None)
+    if bf16_s <= _BF16_MAX_TIME_RATIO * fp32_s:
+        return DtypeChoice(torch.bfloat16, f"measured: bf16 matmul {fp32_s / bf16_s:.1f}x faster than fp32", **ms)
+    if not math.isfinite(bf16_s):
+        return DtypeChoice(torch.float32, "bf16 matmul unavailable on this device", **ms)
+    return DtypeChoice(torch.float32, f"measured: bf16 matmul not faster than fp32 (time ratio {bf16_s / fp32_s:.2f})", **ms)
+
+
+def _cuda_native_bf16(device: torch.device) -> bool:
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def _synchronize(device: torch.device) -> None:
+    backend = getattr(torch, device.type, None)
+    sync = getattr(backend, "synchronize", None)
+    if device.type != "cpu" and callable(sync):
+        sync()
+
+
+def _probe_matmul_seconds(device: torch.device) -> tuple[float, float]:
+    """Best time of a _PROBE_SIZE² matmul in (fp32, bf16) on ``device``; bf16 is inf if it fails.
+
+    Interleaved rounds after one warm-up each (3, up to 10 while the ratio is within 4x either way);
+    a private generator leaves the global RNG alone.
+    """
+    n = _PROBE_SIZE
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(2, n, n, generator=gen)
+    times: dict[torch.dtype, float] = {torch.float32: math.inf, torch.bfloat16: math.inf}
+    with torch.no_grad():
+        mats = {}
+        for dt in (torch.float32, torch.bfloat16):
+            try:
+                a, b = base.to(device=device, dtype=dt).unbind(0)
+                torch.mm(a, b)  # warm-up (kernel selection, first-touch)
+                _synchronize(device)
+                mats[dt] = (a, b)
+            except (RuntimeError, TypeError, NotImplementedError):
+                if dt == torch.float32:
+                    raise
+        rounds = 0
+        while rounds < _PROBE_MAX_ROUNDS:
+            for dt, (a, b) in mats.items():
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                _synchronize(device)
+                times[dt] = min(times[dt], time.perf_counter() - t0)
+            rounds += 1
+            ratio = times[torch.bfloat16] / times[torch.float32]
+            # clear after a few rounds; a ratio near the threshold (or a noisy, shared machine)
+            # gets more rounds, since the minimum of more samples is closer to the true time
+            if rounds >= _PROBE_ROUNDS and not (0.25 < ratio < 4.0):
+                break
+            if ratio > 16.0:  # bf16 far slower (no bf16 units): stop paying for it
+                break
+    return times[torch.float32], times[torch.bfloat16]
 
 
 def check_matrix(G: torch.Tensor, name: str = "G") -> None:
@@ -86,13 +231,15 @@ def check_matrix(G: torch.Tensor, name: str = "G") -> None:
 
 
 def _check_finite(G: torch.Tensor, name: str) -> None:
-    finite = torch.isfinite(G)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(
-            f"{name} of shape {tuple(G.shape)} has {bad} non-finite (NaN/inf) entries; "
-            "pass nonfinite='propagate' to return NaN instead of raising"
-        )
+    # max and min propagate NaN and reach ±inf, so two read-only reductions decide (several times
+    # cheaper than isfinite(G).all(), which writes a boolean tensor); the count is for the message
+    if bool(torch.isfinite(G.amax()) & torch.isfinite(G.amin())):
+        return
+    bad = int((~torch.isfinite(G)).sum())
+    raise ValueError(
+        f"{name} of shape {tuple(G.shape)} has {bad} non-finite (NaN/inf) entries; "
+        "pass nonfinite='propagate' to return NaN instead of raising"
+    )
 
 
 def normalize_frobenius(X: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -114,32 +261,60 @@ def _as_batch(X: torch.Tensor) -> torch.Tensor:
     return X.reshape(-1, X.shape[-2], X.shape[-1])
 
 
-# "auto" picks "gram" only where it saves at least a quarter of the FLOPs and the matrices are
-# large enough for FLOPs to dominate: measured on a 2-core CPU (fp32, Keller x5), gram/NS time was
-# 0.62-0.67 at 768x3072 and 768x2304, 0.72 at 128x512, 0.92 at 512x1024, 1.00 at 384x768, but 1.34 at
-# 96x256 (more, smaller kernels) and 1.91 on 16 stacked 96x96.
-_GRAM_MAX_COST_RATIO = 0.75
+# "auto" picks "gram" where its FLOP count is at most 0.8 of Newton-Schulz's and the matrices are
+# large enough for FLOPs to dominate. Measured on a 2-core CPU, 1 thread, Keller x5 (shared machine,
+# so +-10%): fp32 gram/NS time 0.62-0.67 at 768x3072 and 768x2304, 0.72 at 128x512, 0.92 at
+# 512x1024, 1.00 at 384x768, but 1.34 at 96x256 (more, smaller kernels) and 1.91 on 16 stacked
+# 96x96; bf16 (restarts every 2 steps) 0.78-0.87 at 768x3072 / 3072x768 (FLOP ratio 0.78), 0.84
+# at 384x1536, 0.90-0.95 at n = 3m (FLOP ratio 0.83), 0.94 at 192x768.
+_GRAM_MAX_COST_RATIO = 0.8
 _GRAM_MIN_SIDE = 128
+# In bf16/fp16 the Gram form's accumulated product drifts (spurious negative eigenvalues of A,
+# eigenvector drift: Zhang, Amsel, Chen, Dao, "Gram Newton-Schulz", 2026) and, without restarts,
+# blows up on real gradients. Restarting from X <- P X_0 every 2 steps kept every preset (keller
+# x5, polar_express x5/x8, you x5/x6) within +0.005 of Newton-Schulz's bf16 distance from U Vᵀ on
+# real momenta of the lab GPT (192x768, 384x1024, ...), Gaussian and power-law matrices. Every 3
+# steps is ~10% faster and as good for Keller's coefficients, but blew up with Polar Express.
+_GRAM_RESTART_EVERY = 2
 
 
-def flops(method: str, m: int, n: int, steps: int) -> float:
+def gram_restarts(steps: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """Steps (0-based) before which the Gram iteration restarts from X <- P X_0.
+
+    None in fp32/fp64 (stable without); every 2 steps in bf16/fp16.
+
+    >>> import torch
+    >>> gram_restarts(5, torch.bfloat16), gram_restarts(8, torch.bfloat16), gram_restarts(5, torch.float32)
+    ((2, 4), (2, 4, 6), ())
+    """
+    if dtype in (torch.float32, torch.float64):
+        return ()
+    return tuple(range(_GRAM_RESTART_EVERY, steps, _GRAM_RESTART_EVERY))
+
+
+def flops(method: str, m: int, n: int, steps: int, restarts: Sequence[int] = ()) -> float:
     """Multiply-add FLOPs of one m x n (m <= n) orthogonalization by a polynomial method.
 
     ``"newton_schulz"``: per step X Xᵀ (2m²n), A² (2m³) and B X (2m²n).
-    ``"gram"``: X₀X₀ᵀ and the final P X₀ (4m²n) plus, per step, A², Q P and P A₀ Pᵀ (8m³, the
-    first Q P is free).
+    ``"gram"``: per segment between restarts (a segment of L steps): X₀X₀ᵀ and the final P X₀
+    (4m²n) plus A² every step, Q P every step but the first and P A₀ Pᵀ every step but the last
+    ((8L − 6) m³). Without restarts: 4m²n + (8k − 6)m³.
     """
     m, n = min(m, n), max(m, n)
     if method == "gram":
-        return 4.0 * m * m * n + (8.0 * steps - 2.0) * m**3
+        cuts = [0, *sorted(r for r in set(restarts) if 0 < r < steps), steps]
+        lengths = [b - a for a, b in zip(cuts, cuts[1:])]
+        return sum(4.0 * m * m * n + (8.0 * L - 6.0) * m**3 for L in lengths)
     return steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
 def choose_method(m: int, n: int, steps: int, dtype: torch.dtype) -> str:
     """The method ``"auto"`` runs for an m x n matrix: ``"gram"`` or ``"newton_schulz"``.
 
-    Gram iteration accumulates its polynomial in a product of m x m factors, which in bf16/fp16
-    loses the small singular directions, so it is chosen only for fp32/fp64 iteration.
+    ``"gram"`` where it needs at most 0.8 of Newton-Schulz's FLOPs (with the restarts that
+    :func:`gram_restarts` gives a bf16/fp16 iteration: n >= ~2.2m in fp32, n >= ~3.6m in bf16) and
+    the short side is at least 128. Both run the same polynomial, so the choice changes only
+    rounding.
 
     Example:
         >>> import torch
@@ -148,67 +323,156 @@ def choose_method(m: int, n: int, steps: int, dtype: torch.dtype) -> str:
         ('gram', 'newton_schulz')
     """
     short = min(m, n)
-    if dtype not in (torch.float32, torch.float64) or short < _GRAM_MIN_SIDE:
+    if short < _GRAM_MIN_SIDE:
         return "newton_schulz"
-    ratio = flops("gram", m, n, steps) / flops("newton_schulz", m, n, steps)
+    ratio = flops("gram", m, n, steps, gram_restarts(steps, dtype)) / flops("newton_schulz", m, n, steps)
     return "gram" if ratio <= _GRAM_MAX_COST_RATIO else "newton_schulz"
 
 
-def newton_schulz(X: torch.Tensor, schedule: Sequence[Triple]) -> torch.Tensor:
-    """Run the odd-polynomial iteration on a batch X of shape (B, m, n), m <= n, σ_max <= 1.
+def method_flops(method: str, m: int, n: int, steps: int, dtype: torch.dtype) -> float:
+    """FLOPs of one m x n orthogonalization as :func:`orthogonalize` runs it: ``"auto"`` resolved
+    by :func:`choose_method` and the Gram form with the restarts of ``dtype`` (for cost models such
+    as the distributed step's owner balance).
+
+    >>> import torch
+    >>> method_flops("auto", 768, 3072, 5, torch.bfloat16) == flops("gram", 768, 3072, 5, (2, 4))
+    True
+    """
+    if method == "auto":
+        method = choose_method(m, n, steps, dtype)
+    restarts = gram_restarts(steps, dtype) if method == "gram" else ()
+    return flops(method, m, n, steps, restarts)
+
+
+def _prescale(X: torch.Tensor, work_dtype: torch.dtype, eps: float) -> torch.Tensor:
+    """X (B, m, n) divided by its largest |entry| per matrix, in ``work_dtype``.
+
+    Entries end in [-1, 1], so X Xᵀ and (X Xᵀ)² can neither overflow nor underflow in fp32/bf16
+    accumulation (inputs from subnormals to the fp32 maximum), and a nonzero matrix has Frobenius
+    norm >= 1. The Frobenius normalisation itself is folded into the first iteration step (see
+    :func:`newton_schulz`), which saves passes over the m x n matrix. NaN/inf entries make the
+    matrix NaN. fp16 has too small a range for the unnormalised A²: it gets the full
+    :func:`normalize_frobenius` first.
+    """
+    if work_dtype == torch.float16:
+        wide = torch.float64 if X.dtype == torch.float64 else torch.float32
+        return normalize_frobenius(X.to(wide), eps=eps).to(work_dtype, memory_format=torch.contiguous_format)
+    # amax and amin separately: two read-only passes, no |X| temporary (2x faster than abs().amax)
+    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
+    # a division (not a product with 1/amax, which overflows for subnormal amax); the result is
+    # laid out contiguously: a transposed (tall) input would otherwise keep its strides through the
+    # elementwise ops, and every product of the iteration would copy its operands (measured: 45% of
+    # the time of a 3072x768 bf16 orthogonalization on CPU)
+    return (X / torch.where(amax > 0, amax, torch.ones_like(amax))).to(work_dtype, memory_format=torch.contiguous_format)
+
+
+def _inverse_norm(A: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / (‖X‖_F + eps) per matrix from A = X Xᵀ (‖X‖_F² = tr A), shape (B, 1, 1), in fp32/fp64."""
+    wide = torch.float64 if A.dtype == torch.float64 else torch.float32
+    norm = A.diagonal(dim1=-2, dim2=-1).to(wide).sum(-1).clamp_min(0).sqrt() + eps
+    # a zero matrix (norm 0, also with eps = 0) has A = 0: any finite factor keeps it zero
+    return torch.where(norm > 0, 1.0 / norm, torch.ones_like(norm)).reshape(-1, 1, 1)
+
+
+def newton_schulz(X: torch.Tensor, schedule: Sequence[Triple], eps: float = 1e-7, tall: bool = False) -> torch.Tensor:
+    """Run the odd-polynomial iteration on a batch X of shape (B, m, n), m <= n.
 
     One step: A = X Xᵀ; B = b A + c A²; X = a X + B X (the quintic form from seed 000 evaluated
     with two m x m products and one m x n product). c = 0 (cubic) skips A².
+
+    X may have any scale: the normalisation X / (‖X‖_F + eps) is folded into the first step. With
+    s = ‖X‖_F + eps = sqrt(tr A) + eps, step 1 on X / s is X₁ = ((a/s) I + (b/s³) A + (c/s⁵) A²) X,
+    so only m x m matrices are scaled, and no pass over X is spent on normalising it.
+
+    ``tall=True``: X is (B, n, m), n >= m, and the same iteration runs on its transpose without
+    forming it: A = XᵀX, X <- a X + X B (B is symmetric). A transposing copy of X costs as much as
+    several of the products on a CPU, so tall matrices are never transposed.
     """
-    for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
+    for i, (a, b, c) in enumerate(schedule):
+        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+        if i == 0:
+            inv = _inverse_norm(A, eps)
+            dt = X.dtype
+            # c/s⁵ A² + b/s³ A in one fused product: A @ (A c/s⁵) + A b/s³
+            B = A * (b * inv**3).to(dt)
+            if c != 0.0:
+                B = torch.baddbmm(B, A, A * (c * inv**5).to(dt))
+            B.diagonal(dim1=-2, dim2=-1).add_((a * inv).reshape(-1, 1).to(dt))
+            X = torch.bmm(X, B) if tall else torch.bmm(B, X)
+            continue
         if c != 0.0:
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         else:
             B = A * b
-        X = torch.baddbmm(X, B, X, beta=a)
+        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
     return X
 
 
-def newton_schulz_gram(X: torch.Tensor, schedule: Sequence[Triple]) -> torch.Tensor:
+def newton_schulz_gram(
+    X: torch.Tensor, schedule: Sequence[Triple], eps: float = 1e-7, restarts: Sequence[int] = (), tall: bool = False
+) -> torch.Tensor:
     """The same polynomial iteration as :func:`newton_schulz`, carried out on Gram matrices.
 
     With X_k = P_k X_0 and A_k = X_k X_kᵀ, one step is Q = aI + b A + c A²; P <- Q P;
     A <- P A_0 Pᵀ (Q is a polynomial in A, so it commutes with A and is symmetric). Only m x m
     products inside the loop; X_0 is touched twice (A_0 = X_0 X_0ᵀ and the final P X_0).
     Rebuilding A from the accumulated P and A_0 (rather than A <- Q A Q) keeps A consistent with
-    P, which halves the fp32 rounding drift on ill-conditioned inputs at the same cost.
-    Cost in flops: 4 m² n + (8k − 2) m³ instead of k (4 m² n + 2 m³): a win when n is several
-    times m (measured 0.62-0.67x the time of ``newton_schulz`` on 768x3072 and 768x2304).
+    P, which halves the fp32 rounding drift on ill-conditioned inputs at the same cost. The last
+    step needs no new A.
+
+    ``restarts``: steps (0-based) before which X <- P X_0 is formed and the iteration starts
+    again from its Gram matrix (what keeps bf16 stable, see :func:`gram_restarts`).
+    X may have any scale: 1/‖X‖_F is applied to A_0 and folded into P. ``tall``: as in
+    :func:`newton_schulz` (X <- X Pᵀ instead of P X).
+    Cost in flops: :func:`flops` (``"gram"``); a win when n is several times m.
     """
-    m = X.shape[-2]
-    eye = torch.eye(m, dtype=X.dtype, device=X.device).expand(X.shape[0], m, m)
-    A0 = torch.bmm(X, X.mT)
+
+    def gram(X: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+
+    def apply(P: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(X, P.mT) if tall else torch.bmm(P, X)
+
+    last = len(schedule) - 1
+    A0 = gram(X)
+    inv: Optional[torch.Tensor] = _inverse_norm(A0, eps)  # the scale still owed to X
+    wide = inv.dtype
+    A0 = (A0.to(wide) * inv * inv).to(X.dtype)
     A = A0
     P: Optional[torch.Tensor] = None
-    for a, b, c in schedule:
+    for i, (a, b, c) in enumerate(schedule):
+        if i in restarts and P is not None:
+            if inv is not None:
+                P, inv = (P.to(wide) * inv).to(X.dtype), None
+            X = apply(P, X)
+            A0 = A = gram(X)
+            P = None
         if c != 0.0:
             Q = torch.baddbmm(A, A, A, beta=b, alpha=c)
         else:
             Q = A * b
-        Q = Q + a * eye
+        Q.diagonal(dim1=-2, dim2=-1).add_(a)
         P = Q if P is None else torch.bmm(Q, P)
-        A = torch.bmm(torch.bmm(P, A0), P.mT)
-        A = 0.5 * (A + A.mT)  # keep it symmetric against rounding drift
+        if i < last and (i + 1) not in restarts:
+            A = torch.bmm(torch.bmm(P, A0), P.mT)
+            A = 0.5 * (A + A.mT)  # keep it symmetric against rounding drift
     assert P is not None
-    return torch.bmm(P, X)
+    if inv is not None:
+        P = (P.to(wide) * inv).to(X.dtype)
+    return apply(P, X)
 
 
-def inverse_sqrt_coupled(X: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+def inverse_sqrt_coupled(X: torch.Tensor, steps: int, eps: float, tall: bool = False) -> torch.Tensor:
     """msign(X) ≈ (X Xᵀ + eps I)^(-1/2) X with the coupled Newton-Schulz iteration (seed 002).
 
     Y_0 = A / tr(A), Z_0 = I;  T = (3I − Z Y) / 2;  Y <- Y T;  Z <- T Z.  Then
     Z -> (A / tr A)^(-1/2), so A^(-1/2) ≈ Z / sqrt(tr A). Converges for eigenvalues of
     A / tr(A) in (0, 1], quadratically near 1 but only by a factor ~1.5 per step for tiny ones.
+    ``tall``: X is (B, n, m) with n >= m and the result is X Zᵀ / sqrt(tr A) for A = XᵀX.
     """
-    m = X.shape[-2]
+    m = X.shape[-1] if tall else X.shape[-2]
     eye = torch.eye(m, dtype=X.dtype, device=X.device).expand(X.shape[0], m, m)
-    A = torch.bmm(X, X.mT) + eps * eye
+    A = (torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)) + eps * eye
     trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(-1, 1, 1)
     Y = A / trace
     Z = eye.clone()
@@ -216,7 +480,7 @@ def inverse_sqrt_coupled(X: torch.Tensor, steps: int, eps: float) -> torch.Tenso
         T = 0.5 * (3.0 * eye - torch.bmm(Z, Y))
         Y = torch.bmm(Y, T)
         Z = torch.bmm(T, Z)
-    return torch.bmm(Z, X) / trace.sqrt()
+    return (torch.bmm(X, Z.mT) if tall else torch.bmm(Z, X)) / trace.sqrt()
 
 
 def _svd_polar(X: torch.Tensor) -> torch.Tensor:
@@ -248,14 +512,17 @@ def _polynomial(
     eps: float,
     norm_dtype: torch.dtype,
     work_dtype: torch.dtype,
+    tall: bool = False,
 ) -> torch.Tensor:
-    """Normalize a batch (B, m, n), m <= n, and run one polynomial method on it."""
-    X = normalize_frobenius(X.to(norm_dtype), eps=eps).to(work_dtype)
+    """Normalize a batch X (B, m, n) and run one polynomial method on its short side
+    (``tall``: m > n, iterated on XᵀX without transposing X)."""
     if method == "newton_schulz":
-        return newton_schulz(X, schedule)
+        return newton_schulz(_prescale(X, work_dtype, eps), schedule, eps, tall)
     if method == "gram":
-        return newton_schulz_gram(X, schedule)
-    return inverse_sqrt_coupled(X, steps, eps)
+        restarts = gram_restarts(len(schedule), work_dtype)
+        return newton_schulz_gram(_prescale(X, work_dtype, eps), schedule, eps, restarts, tall)
+    X = normalize_frobenius(X.to(norm_dtype), eps=eps).to(work_dtype, memory_format=torch.contiguous_format)
+    return inverse_sqrt_coupled(X, steps, eps, tall)
 
 
 _COMPILED: dict[str, object] = {}
@@ -301,8 +568,10 @@ def orthogonalize(
         coefficients: for the polynomial methods, a preset name (``"keller"``, ``"taylor"``,
             ``"cubic"``, ``"you"``, ``"polar_express"``), one ``(a, b, c)`` or a list of them.
         steps: number of iterations (ignored by the SVD methods).
-        dtype: iteration dtype (bf16, fp16, fp32, fp64 or their names). ``None``: bf16 on CUDA,
-            fp32 on CPU (fp64 for fp64 input). The result has G's dtype.
+        dtype: iteration dtype (bf16, fp16, fp32, fp64 or their names). ``None``: fp64 for fp64
+            input, else the device's :func:`default_dtype` (``$MUONLAB_NS_DTYPE`` or a one-time
+            measurement: bf16 where bf16 matmuls are clearly faster, as on CUDA GPUs and CPUs with
+            AMX/AVX512-BF16; fp32 elsewhere). The result has G's dtype.
         eps: added to the Frobenius norm before dividing (``"inverse_sqrt"``: ridge on the Gram).
         nonfinite: ``"raise"`` (default) raises ValueError on NaN/inf input; ``"propagate"``
             skips the check (the result is then NaN where the input was not finite).
@@ -312,7 +581,8 @@ def orthogonalize(
             always run eagerly. The first call pays the compilation (~20 s on a 2-core CPU).
 
     Returns:
-        A tensor of G's shape and dtype. A zero matrix maps to zero; empty matrices to empty.
+        A tensor of G's shape and dtype, contiguous (or, when G is a transposed view, in G's
+        transposed layout). A zero matrix maps to zero; empty matrices to empty.
 
     Example:
         >>> import torch
@@ -346,31 +616,33 @@ def orthogonalize(
     m, n = G.shape[-2], G.shape[-1]
     if method == "auto":
         method = choose_method(m, n, len(schedule), work_dtype)  # type: ignore[assignment]
-    transpose = m > n
-    X = G.mT if transpose else G
-    batch_shape = X.shape
-    X = _as_batch(X)
+    X = _as_batch(G)
+    # Work in the orientation G is stored in: a transposed view (e.g. Wᵀ of a contiguous W) is
+    # iterated as its contiguous transpose, and the result comes back in G's layout. A transposing
+    # copy costs as much as several of the iteration's products on a CPU.
+    flip = X.stride(-1) != 1 and X.stride(-2) == 1
+    W = X.mT if flip else X
+    tall = W.shape[-2] > W.shape[-1]
 
     if method in ("svd", "svd_inv_sqrt"):
+        Xw = W.mT if tall else W  # the exact methods work on the short side, m <= n
         exact_dtype = torch.float64 if work_dtype == torch.float64 or G.dtype == torch.float64 else torch.float32
-        X = normalize_frobenius(X.to(exact_dtype), eps=0.0)
+        Xw = normalize_frobenius(Xw.to(exact_dtype), eps=0.0)
         bad = None
         if nonfinite == "propagate":
             # torch.linalg.svd raises on NaN/inf: decompose zeros there and return NaN for them
-            bad = ~torch.isfinite(X).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
-            X = torch.where(bad, torch.zeros_like(X), X)
-        out = _svd_polar(X) if method == "svd" else _svd_inv_sqrt(X)
+            bad = ~torch.isfinite(Xw).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+            Xw = torch.where(bad, torch.zeros_like(Xw), Xw)
+        out = _svd_polar(Xw) if method == "svd" else _svd_inv_sqrt(Xw)
         if bad is not None:
             out = torch.where(bad, torch.full_like(out, float("nan")), out)
+        out = (out.mT if tall else out).contiguous()
     else:
         # normalise in at least fp32 (the scale step must not overflow), then iterate in work_dtype
         norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-        if compile:
-            out = _run_compiled(X, method, tuple(schedule), steps, eps, norm_dtype, work_dtype)
-        else:
-            out = _polynomial(X, method, tuple(schedule), steps, eps, norm_dtype, work_dtype)
+        args = (method, tuple(schedule), steps, eps, norm_dtype, work_dtype, tall)
+        out = _run_compiled(W, *args) if compile else _polynomial(W, *args)
 
-    out = out.reshape(batch_shape)
-    if transpose:
-        out = out.mT
-    return out.to(G.dtype).contiguous()
+    # out is W-shaped and contiguous; a flipped input gets the flipped (transposed) layout back
+    out = (out.mT if flip else out).reshape(G.shape)
+    return out.to(G.dtype)

@@ -836,3 +836,33 @@ def test_docstring_example() -> None:
     G = torch.randn(64, 256)
     s = torch.linalg.svdvals(orthogonalize(G, coefficients="polar_express", steps=8))
     assert bool((s > 0.9).all() and (s < 1.1).all())
+
+
+# --------------------------------------------------------------------------------------------
+# out=
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_out_receives_the_result_in_its_own_dtype_and_layout(method: str) -> None:
+    G = randn(2, 40, 72, seed=45, dtype=torch.float32)
+    expected = orthogonalize(G, method)
+    for out in (torch.empty_like(G), torch.empty(2, 72, 40).mT, torch.empty_like(G, dtype=torch.float64)):
+        got = orthogonalize(G, method, out=out)
+        assert got is out
+        torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-6)
+    half = torch.empty_like(G, dtype=torch.bfloat16)
+    orthogonalize(G, method, out=half)
+    torch.testing.assert_close(half, expected.bfloat16(), rtol=0, atol=0)
+    inplace = G.clone()
+    assert orthogonalize(inplace, method, out=inplace) is inplace
+    torch.testing.assert_close(inplace, expected, rtol=0, atol=1e-6)
+
+
+def test_out_must_match_g() -> None:
+    G = torch.randn(8, 12)
+    for bad in (torch.empty(12, 8), torch.empty(8, 12, dtype=torch.int64), "x"):
+        with pytest.raises(ValueError, match=r"out must be a floating tensor of G's shape \(8, 12\)"):
+            orthogonalize(G, out=bad)  # type: ignore[arg-type]
+    empty = torch.empty(0, 5)
+    assert orthogonalize(torch.empty(0, 5), out=empty) is empty

@@ -556,6 +556,7 @@ def orthogonalize(
     eps: float = 1e-7,
     nonfinite: NonFinitePolicy = "raise",
     compile: bool = False,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Approximate msign(G) = U Vᵀ for one matrix or a batch of shape (..., m, n).
 
@@ -579,6 +580,9 @@ def orthogonalize(
             ``torch.compile`` (one graph with dynamic shapes, compiled on first use per method,
             schedule and dtype). The numbers equal the eager ones up to rounding; the SVD methods
             always run eagerly. The first call pays the compilation (~20 s on a 2-core CPU).
+        out: a floating tensor of G's shape (any dtype, layout or view) to write the result
+            into; the cast from the iteration dtype and the copy are then one pass, instead of a
+            cast here and a copy by the caller. ``out`` may be G itself. Returns ``out``.
 
     Returns:
         A tensor of G's shape and dtype, contiguous (or, when G is a transposed view, in G's
@@ -594,6 +598,12 @@ def orthogonalize(
         True
     """
     check_matrix(G)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != G.shape:
+            raise ValueError(
+                f"out must be a floating tensor of G's shape {tuple(G.shape)}, got "
+                + (f"shape {tuple(out.shape)} and dtype {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__)
+            )
     if method not in METHODS:
         raise ValueError(f"unknown orthogonalization method {method!r}; valid methods: {list(METHODS)}")
     if nonfinite not in ("raise", "propagate"):
@@ -609,7 +619,7 @@ def orthogonalize(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     work_dtype = resolve_dtype(dtype, G.device, G.dtype)
     if G.numel() == 0:
-        return torch.zeros_like(G)
+        return out.zero_() if out is not None else torch.zeros_like(G)
     if nonfinite == "raise":
         _check_finite(G, "G")
 
@@ -633,16 +643,18 @@ def orthogonalize(
             # torch.linalg.svd raises on NaN/inf: decompose zeros there and return NaN for them
             bad = ~torch.isfinite(Xw).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
             Xw = torch.where(bad, torch.zeros_like(Xw), Xw)
-        out = _svd_polar(Xw) if method == "svd" else _svd_inv_sqrt(Xw)
+        result = _svd_polar(Xw) if method == "svd" else _svd_inv_sqrt(Xw)
         if bad is not None:
-            out = torch.where(bad, torch.full_like(out, float("nan")), out)
-        out = (out.mT if tall else out).contiguous()
+            result = torch.where(bad, torch.full_like(result, float("nan")), result)
+        result = (result.mT if tall else result).contiguous()
     else:
         # normalise in at least fp32 (the scale step must not overflow), then iterate in work_dtype
         norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
         args = (method, tuple(schedule), steps, eps, norm_dtype, work_dtype, tall)
-        out = _run_compiled(W, *args) if compile else _polynomial(W, *args)
+        result = _run_compiled(W, *args) if compile else _polynomial(W, *args)
 
-    # out is W-shaped and contiguous; a flipped input gets the flipped (transposed) layout back
-    out = (out.mT if flip else out).reshape(G.shape)
-    return out.to(G.dtype)
+    # result is W-shaped and contiguous; a flipped input gets the flipped (transposed) layout back
+    result = (result.mT if flip else result).reshape(G.shape)
+    if out is not None:
+        return out.copy_(result)
+    return result.to(G.dtype)

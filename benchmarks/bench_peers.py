@@ -20,8 +20,8 @@ Contenders (every one on the same matrices, all routed to Muon; AdamW is not par
   each with a ``use_muon=True`` group.
 * ``muonlab.Muon`` with its defaults (``ns_method="auto"``, ``ns_dtype=None``: the dtype the
   machine measured, see ``muonlab.orthogonalize.dtype_choice``) and variants: plain
-  Newton-Schulz, the per-matrix loop (``batched=False``), Polar Express coefficients, NorMuon, and
-  an fp32 iteration (on the lab set only unless ``--all-variants``: 5x slower where bf16 is fast).
+  Newton-Schulz, the per-matrix loop (``batched=False``), larger stacks (``batch_max_elements``),
+  Polar Express coefficients, NorMuon, and an fp32 iteration (on the lab set only unless ``--all-variants``: 5x slower where bf16 is fast).
 
 Parameter sets (``--sizes``, comma-separated):
 
@@ -217,6 +217,8 @@ def contenders(device: torch.device, set_name: str, all_variants: bool, heavybal
     out.append(Contender("muonlab.Muon polar_express", ours(ns_coefficients="polar_express"), chosen,
                          auto_method(chosen), peer=False))
     out.append(Contender("muonlab.Muon normuon=True", ours(normuon=True), chosen, auto_method(chosen), peer=False))
+    out.append(Contender("muonlab.Muon batch_max_elements=2**24", ours(batch_max_elements=2**24), chosen,
+                         auto_method(chosen), peer=False, note="larger stacks than the CPU default (2**20 elements)"))
     if chosen != torch.float32 and (all_variants or set_name.startswith("lab")):
         out.append(Contender("muonlab.Muon ns_dtype=fp32", ours(ns_dtype="fp32"), torch.float32,
                              auto_method(torch.float32), peer=False))

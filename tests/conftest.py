@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The suite holds the optimizer to fp32 references (torch.optim.Muon patched to fp32, the batched
+# path against the loop bit for bit), so it iterates in fp32 unless a test says otherwise. The
+# machine-chosen default (bf16 where this CPU's bf16 matmuls are faster, and on CUDA) is tested with
+# the probe stubbed both ways in tests/test_dtype_probe.py, and against float64 SVD error bands.
+os.environ.setdefault("MUONLAB_NS_DTYPE", "fp32")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -645,9 +645,8 @@ class Muon(Optimizer):
         for (group, name, p, d, view), upd in zip(pending, updates):
             key_settings = _settings(group)
             for src, dst in zip(blocks(d, view), blocks(upd, view)):
-                if src.shape[-2] > src.shape[-1]:
-                    # msign(Gᵀ) = msign(G)ᵀ: tall blocks join the bucket of their wide transpose
-                    src, dst = src.mT, dst.mT
+                # tall blocks keep their own layout: orthogonalize iterates them natively (a transposed
+                # view would cost a transposing copy when stacked)
                 buckets[(tuple(src.shape[-2:]), key_settings, src.device, src.dtype)].append((src, dst))
         # 2. orthogonalize each bucket in stacked chunks (or one matrix at a time: the reference loop)
         for key, pairs in buckets.items():
@@ -804,6 +803,10 @@ class Muon(Optimizer):
         _, (method, coeffs, steps, dtype, eps), device, _ = key
         chunks = _chunk_pairs(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
         for chunk in chunks:
+            if self.batched and len(chunk) == 1:  # the cast and the copy into the destination in one pass
+                orthogonalize(chunk[0][0], method=method, coefficients=coeffs, steps=steps, dtype=dtype, eps=eps,
+                              nonfinite="propagate", compile=self.compile, out=chunk[0][1])
+                continue
             X = torch.cat([s for s, _ in chunk]) if len(chunk) > 1 else chunk[0][0]
             if self.batched:
                 O = orthogonalize(X, method=method, coefficients=coeffs, steps=steps,

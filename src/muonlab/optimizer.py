@@ -801,7 +801,7 @@ class Muon(Optimizer):
         """Orthogonalize same-key (source, destination) block stacks in stacked chunks (or one matrix
         at a time: the reference loop), writing into the destinations."""
         _, (method, coeffs, steps, dtype, eps), device, _ = key
-        chunks = _chunk_pairs(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
+        chunks = _chunk_by_numel(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
         for chunk in chunks:
             if self.batched and len(chunk) == 1:  # the cast and the copy into the destination in one pass
                 orthogonalize(chunk[0][0], method=method, coefficients=coeffs, steps=steps, dtype=dtype, eps=eps,
@@ -1111,24 +1111,6 @@ def _ortho_flops(key: tuple) -> float:
     method ``"auto"`` resolves to (the Gram form costs less on wide matrices)."""
     (m, n), (method, _, steps, dtype, _), device, in_dtype = key
     return method_flops(method, m, n, steps, resolve_dtype(dtype, device, in_dtype))
-
-
-def _chunk_pairs(pairs: list[tuple[Tensor, Tensor]], limit: int) -> list[list[tuple[Tensor, Tensor]]]:
-    """Split (source, destination) block pairs into consecutive chunks of at most ``limit`` elements
-    (a single block larger than the limit forms its own chunk)."""
-    chunks: list[list[tuple[Tensor, Tensor]]] = []
-    current: list[tuple[Tensor, Tensor]] = []
-    size = 0
-    for pair in pairs:
-        n = pair[0].numel()
-        if current and size + n > limit:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(pair)
-        size += n
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 def _default_view(name: str, p: Tensor) -> str:

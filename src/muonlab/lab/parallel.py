@@ -255,6 +255,8 @@ class Parallel:
                 shutil.rmtree(prev, ignore_errors=True)
                 os.replace(cur, prev)
             os.replace(tmp, cur)
+            from .train import _fsync_dir
+
             _fsync_dir(run_dir)
         self.barrier()
 
@@ -332,19 +334,6 @@ def sharded_checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 def stale_sharded_temporary(run_dir: Path) -> Path:
     return run_dir / _TMP_SHARDED_CHECKPOINT
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------- sharding the lab GPT

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
+from _ranks import free_port, run_ranks  # tests/_ranks.py
 
 from muonlab.distributed import Layout, assign_owners, build_plan, matrix_cost, shard_indices
 
@@ -41,12 +42,6 @@ def _load_worker():
 W = _load_worker()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenarios, world: int, out: Path, ckpt: Path | None = None, timeout: float = 180, env: dict | None = None,
            ranks: list[int] | None = None) -> dict:
     """Run the worker on ``world`` ranks; returns {scenario: [params of rank 0, rank 1, ...]}.
@@ -54,24 +49,10 @@ def launch(scenarios, world: int, out: Path, ckpt: Path | None = None, timeout: 
     A hang (a rank waiting in a collective the others never call) fails the test at ``timeout``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    args = [",".join(scenarios), None, str(world), str(port), str(out)] + ([str(ckpt)] if ckpt else [])
-    procs = []
-    for rank in range(world):
-        args[1] = str(rank)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed run {scenarios} at world size {world} did not finish in {timeout}s (hang?)")
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    port = free_port()
+    tail = [str(ckpt)] if ckpt else []
+    run_ranks([[WORKER, ",".join(scenarios), rank, world, port, out, *tail] for rank in range(world)], timeout,
+              f"distributed run {scenarios} at world size {world}", env=env)
     return {sc: [torch.load(out / f"{sc}_rank{r}.pt") for r in (ranks if ranks is not None else range(world))]
             for sc in scenarios}
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from _ranks import free_port  # tests/_ranks.py
 
 from muonlab.lab.parallel import MODES, parse_mesh
 from muonlab.lab.train import TrainConfig, train
@@ -203,16 +203,10 @@ def test_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, ref
 
 
 # ---------------------------------------------------------------------- faults
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_ranks(tmp_path: Path, world: int, timeout_s: int) -> tuple[list[subprocess.Popen], Path]:
     run, scratch = tmp_path / "run", tmp_path / "tmp"
     scratch.mkdir()
-    port = _free_port()
+    port = free_port()
     procs = []
     for r in range(world):
         env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),

@@ -8,14 +8,13 @@ Run as a script (``python tests/test_qkclip.py worker RANK WORLD PORT``) it is t
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _ranks import free_port, run_ranks  # tests/_ranks.py
 
 from muonlab import Muon, QKClip, QKSpec, qk_clip_factors
 from muonlab.qkclip import HeadRows, grouped_max_logits, hf_qk_specs, hf_track_max_logits
@@ -634,20 +633,8 @@ def test_dtensor_shards_and_cross_rank_max():
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(r), "2", str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("the 2-rank QK-Clip run did not finish in 120 s (hang?)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    port = free_port()
+    run_ranks([[__file__, "worker", r, 2, port] for r in range(2)], 120, "the 2-rank QK-Clip run", tail=3000)
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":

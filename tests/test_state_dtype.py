@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from _ranks import free_port, run_ranks  # tests/_ranks.py
 
 from muonlab import Muon
 from muonlab.updates import stochastic_round_
@@ -295,12 +293,6 @@ def test_memory_analysis_reports_bf16_muon_state_against_fp32_adamw():
 
 
 # ====================================================================== the distributed step
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _DIST_SCRIPT = r"""
 import os, sys
 import torch, torch.distributed as dist
@@ -349,18 +341,8 @@ def test_distributed_bf16_state_matches_the_single_process_run(tmp_path, monkeyp
     spec.loader.exec_module(W)
     script = tmp_path / "bf16_worker.py"
     script.write_text(_DIST_SCRIPT)
-    port, world = _free_port(), 2
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(HERE), str(r), str(world), str(port), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("the distributed bf16-state run did not finish in 180 s")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    port, world = free_port(), 2
+    run_ranks([[script, HERE, r, world, port, tmp_path] for r in range(world)], 180, "the distributed bf16-state run")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     init = {n: p.detach() for n, p in W.make_model().named_parameters()}
     refs = {nesterov: W.reference(state_dtype="bf16", nesterov=nesterov) for nesterov in (True, False)}

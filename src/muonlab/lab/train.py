@@ -540,9 +540,13 @@ def load_checkpoint(run_dir: Path, device: torch.device) -> Optional[tuple[dict[
                           stacklevel=3)
         return ckpt, p
     if problems:
-        raise CheckpointError(f"cannot resume the run in {run_dir}: " + "; ".join(problems)
-                              + ". Delete the damaged file(s) to start the run over (muonlab train: --no-resume)")
+        raise _cannot_resume(run_dir, problems)
     return None
+
+
+def _cannot_resume(run_dir: Path, problems: list[str]) -> CheckpointError:
+    return CheckpointError(f"cannot resume the run in {run_dir}: " + "; ".join(problems)
+                           + ". Delete the damaged file(s) to start the run over (muonlab train: --no-resume)")
 
 
 def _why_sharded_unreadable(exc: BaseException) -> str:
@@ -605,8 +609,7 @@ def _resume(run_dir: Path, par: Any, model: Any, opt: Any, cfg: "TrainConfig") -
                           stacklevel=3)
         return ckpt, path
     if problems:
-        raise CheckpointError(f"cannot resume the run in {run_dir}: " + "; ".join(problems)
-                              + ". Delete the damaged file(s) to start the run over (muonlab train: --no-resume)")
+        raise _cannot_resume(run_dir, problems)
     return None
 
 

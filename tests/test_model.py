@@ -310,7 +310,7 @@ def test_from_name_overrides_and_d_ff_rule():
 
 @pytest.mark.parametrize(
     "name,lo,hi",
-    [("tiny", 0.2e6, 0.4e6), ("mini", 0.45e6, 0.8e6), ("small", 1e6, 3e6), ("medium", 8e6, 12e6), ("gpt2-small", 110e6, 135e6)],
+    [("micro", 0.05e6, 0.15e6), ("tiny", 0.2e6, 0.4e6), ("mini", 0.45e6, 0.8e6), ("small", 1e6, 3e6), ("medium", 8e6, 12e6), ("gpt2-small", 110e6, 135e6)],
 )
 def test_named_size_parameter_counts(name, lo, hi):
     cfg = GPTConfig.from_name(name)

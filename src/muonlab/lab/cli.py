@@ -22,7 +22,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def _add_train_args(p: argparse.ArgumentParser, default_steps: int) -> None:
-    p.add_argument("--model", default="tiny", help="model size name (tiny, small, medium) [tiny]")
+    p.add_argument("--model", default="tiny", help="model size name (micro, tiny, mini, small, medium, gpt2-small) [tiny]")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run [{default_steps}]")
     p.add_argument("--tokens", type=int, default=None, help="token budget per run (instead of --steps)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -93,6 +93,18 @@ def parse_fractions(text: str) -> tuple[float, ...]:
     return fractions
 
 
+def _parse_floats(text: str, flag: str) -> tuple[float, ...]:
+    """``"0.01,0.1"`` -> (0.01, 0.1): distinct finite numbers >= 0."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        values = tuple(float(t) for t in items)
+    except ValueError:
+        values = ()
+    if not values or any(not (0 <= v < float("inf")) for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"{flag} must be distinct comma-separated numbers >= 0, e.g. {flag} 0.01,0.1; got {text!r}")
+    return values
+
+
 def _base_config(args: argparse.Namespace, default_steps: int) -> Any:
     """The TrainConfig of the shared training flags. A flag given as 0 is an error (it used to mean
     "the default"); --tokens sets the number of steps, and the evaluation and checkpoint intervals
@@ -133,8 +145,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     base = _base_config(args, DEFAULT_COMPARE_STEPS)
     seeds = parse_seeds(args.seeds)
+    weight_decays = _parse_floats(args.weight_decays, "--weight-decays") if args.weight_decays else ()
+    if args.wd_top < 1:
+        raise ValueError(f"--wd-top must be >= 1, got {args.wd_top}")
     compare(args.optimizers, base=base, sweep=args.sweep, seeds=seeds, out=args.out,
-            baseline=args.baseline, progress=not args.quiet)
+            baseline=args.baseline, weight_decays=weight_decays, wd_top=args.wd_top, progress=not args.quiet)
     return 0
 
 
@@ -206,6 +221,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", action="store_true", help="try 0.5x, 1x, 2x each default lr; keep the best")
     p.add_argument("--seeds", default="0", help="comma-separated seeds [0]")
     p.add_argument("--baseline", default=None, help="optimizer whose final loss is the target [adamw]")
+    p.add_argument("--weight-decays", default=None, metavar="WD,WD",
+                   help="then train the --wd-top best optimizers and the baseline again at their best lr with each "
+                        "weight decay (every parameter), e.g. 0.01,0.1 [off]")
+    p.add_argument("--wd-top", type=int, default=2, help="how many leaders get the weight-decay stage [2]")
     p.add_argument("--out", default=None, help="output folder [runs/compare-<time>]")
     p.set_defaults(func=cmd_compare)
 
@@ -245,7 +264,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("scaling", help="the efficiency measurement at several model sizes (token and time speed-up "
                                        "against parameters)")
-    p.add_argument("--sizes", default="tiny,mini,small,medium", help="model sizes [tiny,mini,small,medium]")
+    p.add_argument("--sizes", default="micro,tiny,mini,small", help="model sizes [micro,tiny,mini,small]")
     p.add_argument("--optimizer", default="muon")
     p.add_argument("--baseline", default="adamw")
     p.add_argument("--tokens-per-param", type=float, default=4.0,

@@ -59,8 +59,9 @@ def _holds_results(out_dir: Path) -> bool:
     return any(p.name != LOCK_FILE for p in out_dir.iterdir())
 
 
-def _run_name(optimizer: str, lr: float, seed: int) -> str:
-    return f"{optimizer}/lr{lr:.3g}_seed{seed}"
+def _run_name(optimizer: str, lr: float, seed: int, weight_decay: Optional[float] = None) -> str:
+    wd = "" if weight_decay is None else f"_wd{weight_decay:g}"
+    return f"{optimizer}/lr{lr:.3g}{wd}_seed{seed}"
 
 
 def crossing(rows: list[dict[str, Any]], target: float, key: str) -> Optional[float]:
@@ -86,11 +87,17 @@ def compare(
     seeds: tuple[int, ...] = (0,),
     out: Optional[str | Path] = None,
     baseline: Optional[str] = None,
+    weight_decays: tuple[float, ...] = (),
+    wd_top: int = 2,
     progress: bool = True,
     report: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Compare optimizers on the lab GPT and write the results folder; returns the summary.
+
+    With ``weight_decays``, a second stage trains the ``wd_top`` best optimizers of the first (by
+    mean final loss at their best lr) and the baseline again at their best lr with each weight decay
+    (``TrainConfig.weight_decay``); each optimizer's result is then its best (lr, weight decay).
 
     The folder is locked while the comparison runs (a second comparison on it fails at once); if
     this call created it and fails before any run wrote anything, it is removed again."""
@@ -101,6 +108,14 @@ def compare(
         raise ValueError("at least one seed is needed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    weight_decays = tuple(weight_decays)
+    for wd in weight_decays:
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 <= wd < math.inf:
+            raise ValueError(f"weight decays must be numbers >= 0, got {wd!r}")
+    if len(set(weight_decays)) != len(weight_decays):
+        raise ValueError(f"weight decays must be distinct, got {list(weight_decays)}")
+    if isinstance(wd_top, bool) or not isinstance(wd_top, int) or wd_top < 1:
+        raise ValueError(f"wd_top must be a positive integer, got {wd_top!r}")
     out_dir = _out_folder(out, default_out_dir())
     from .model import GPTConfig
 
@@ -113,12 +128,13 @@ def compare(
     elif baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not among the compared optimizers {names}")
     with RunFolder(out_dir, useful=_holds_results):
-        return _compare(names, base, seq_len, sweep, lr_multipliers, seeds, out_dir, baseline, progress, report, log)
+        return _compare(names, base, seq_len, sweep, lr_multipliers, seeds, out_dir, baseline, weight_decays, wd_top,
+                        progress, report, log)
 
 
 def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_multipliers: tuple[float, ...],
-             seeds: tuple[int, ...], out_dir: Path, baseline: str, progress: bool, report: bool,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             seeds: tuple[int, ...], out_dir: Path, baseline: str, weight_decays: tuple[float, ...], wd_top: int,
+             progress: bool, report: bool, log: Callable[[str], None]) -> dict[str, Any]:
     corpus = load_corpus(base.data, max_bytes=base.max_corpus_bytes, tokenizer=base.tokenizer)
     runs: dict[str, list[dict[str, Any]]] = {}
     plan = []
@@ -130,27 +146,41 @@ def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_
                 plan.append((name, lr, seed))
     log(f"muonlab compare: {len(plan)} runs of {base.model} for {base.steps} steps "
         f"({base.steps * base.batch_size * seq_len * base.grad_accum:,} tokens each) -> {out_dir}")
-    for i, (name, lr, seed) in enumerate(plan, 1):
-        cfg = replace(base, optimizer=name, lr=lr, seed=seed)
-        run_dir = out_dir / "runs" / _run_name(name, lr, seed)
-        log(f"[{i}/{len(plan)}] {name} lr={lr:.3g} seed={seed}")
-        try:
-            res = train(cfg, run_dir, progress=progress, corpus=corpus)
-        except FloatingPointError as exc:
-            log(f"  diverged: {exc}")
-            res = {"finished": True, "diverged": True, "optimizer": name, "lr": lr, "seed": seed,
-                   "final_val_loss": math.inf, "final_val_bpb": math.inf, "tokens": 0, "wall_time_s": 0.0}
-        res = {**res, "run_dir": str(run_dir.relative_to(out_dir))}
-        runs.setdefault(name, []).append(res)
-        if not res.get("diverged"):
-            log(f"  final val loss {res['final_val_loss']:.4f} ({res['final_val_bpb']:.4f} bpb)  "
-                f"({res['wall_time_s']:.1f}s, {res['step_ms']:.1f} ms/step)")
+    def run_plan(plan: list[tuple[str, float, int, Optional[float]]], stage: str) -> None:
+        for i, (name, lr, seed, wd) in enumerate(plan, 1):
+            cfg = replace(base, optimizer=name, lr=lr, seed=seed, weight_decay=wd)
+            run_dir = out_dir / "runs" / _run_name(name, lr, seed, wd)
+            log(f"[{stage}{i}/{len(plan)}] {name} lr={lr:.3g}" + ("" if wd is None else f" weight_decay={wd:g}")
+                + f" seed={seed}")
+            try:
+                res = train(cfg, run_dir, progress=progress, corpus=corpus)
+            except FloatingPointError as exc:
+                log(f"  diverged: {exc}")
+                res = {"finished": True, "diverged": True, "optimizer": name, "lr": lr, "seed": seed,
+                       "final_val_loss": math.inf, "final_val_bpb": math.inf, "tokens": 0, "wall_time_s": 0.0}
+            res = {**res, "run_dir": str(run_dir.relative_to(out_dir)), "weight_decay": wd}
+            runs.setdefault(name, []).append(res)
+            if not res.get("diverged"):
+                log(f"  final val loss {res['final_val_loss']:.4f} ({res['final_val_bpb']:.4f} bpb)  "
+                    f"({res['wall_time_s']:.1f}s, {res['step_ms']:.1f} ms/step)")
+
+    run_plan([(name, lr, seed, None) for name, lr, seed in plan], "")
+    wd_for: list[str] = []
+    if weight_decays:
+        first = summarize(runs, baseline, out_dir)["optimizers"]
+        leaders = sorted(names, key=lambda n: first[n]["final_val_loss"])[:wd_top]
+        wd_for = leaders + ([baseline] if baseline not in leaders else [])
+        wd_plan = [(n, first[n]["best_lr"], seed, wd) for n in wd_for for wd in weight_decays for seed in seeds]
+        log(f"muonlab compare: weight decay {list(weight_decays)} for {', '.join(wd_for)} (the {wd_top} leaders and "
+            f"the baseline) at their best lr: {len(wd_plan)} more runs")
+        run_plan(wd_plan, "wd ")
 
     log("timing one training step of each optimizer, alternating them in one process ...")
     step_ms = interleaved_step_ms(names, base)
     summary = summarize(runs, baseline, out_dir, step_ms)
     summary["config"] = {**asdict(base), "seeds": list(seeds), "sweep": sweep,
-                         "lr_multipliers": list(lr_multipliers) if sweep else [1.0]}
+                         "lr_multipliers": list(lr_multipliers) if sweep else [1.0],
+                         "weight_decays": list(weight_decays), "weight_decay_swept_for": wd_for}
     summary["corpus"] = corpus.meta
     summary["tokenizer"] = corpus.tokenizer_meta
     summary["environment"] = environment()
@@ -174,22 +204,24 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str, out_dir: Pat
     """
     per_opt: dict[str, dict[str, Any]] = {}
     for name, results in runs.items():
-        by_lr: dict[float, list[dict[str, Any]]] = {}
+        # (lr, weight decay); None: the zoo's weight decay (the lr sweep), a number: compare's weight-decay stage
+        by_lr: dict[tuple[float, Optional[float]], list[dict[str, Any]]] = {}
         for r in results:
-            by_lr.setdefault(r["lr"], []).append(r)
+            by_lr.setdefault((r["lr"], r.get("weight_decay")), []).append(r)
         sweep = []
-        for lr, rs in sorted(by_lr.items()):
+        for (lr, wd), rs in sorted(by_lr.items(), key=lambda kv: (kv[0][0], -1.0 if kv[0][1] is None else kv[0][1])):
             losses = [r["final_val_loss"] for r in rs]
-            sweep.append({"lr": lr, "final_val_loss": statistics.fmean(losses), "seeds": len(rs),
+            sweep.append({"lr": lr, "weight_decay": wd, "final_val_loss": statistics.fmean(losses), "seeds": len(rs),
                           "diverged": any(r.get("diverged") for r in rs)})
         best = min(sweep, key=lambda s: s["final_val_loss"])
-        chosen = [r for r in by_lr[best["lr"]] if not r.get("diverged")]
+        chosen = [r for r in by_lr[(best["lr"], best["weight_decay"])] if not r.get("diverged")]
         losses = [r["final_val_loss"] for r in chosen] or [math.inf]
         bpbs = [r.get("final_val_bpb") for r in chosen]
         per_opt[name] = {
             "optimizer": name,
             "family": get_entry(name).family,
             "best_lr": best["lr"],
+            "best_weight_decay": best["weight_decay"],  # None: the zoo's (0)
             "final_val_loss": statistics.fmean(losses),
             "final_val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             # bits per byte: the same losses on a tokenizer-free axis (None for results without it)
@@ -227,7 +259,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], baseline: str, out_dir: Pat
             "optimizers": per_opt}
 
 
-SUMMARY_COLUMNS = ["optimizer", "best_lr", "final_val_loss", "final_val_loss_std", "final_val_bpb", "seeds", "tokens",
+SUMMARY_COLUMNS = ["optimizer", "best_lr", "best_weight_decay", "final_val_loss", "final_val_loss_std", "final_val_bpb", "seeds", "tokens",
                    "wall_time_s",
                    "step_ms", "step_ms_interleaved", "tokens_to_baseline", "time_to_baseline_s", "speedup_tokens",
                    "speedup_time", "speedup_time_wallclock", "optimizer_state_bytes"]
@@ -255,7 +287,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = []
     for s in summary["optimizers"].values():
         rows.append([
-            s["optimizer"], f"{s['best_lr']:.3g}", s["final_val_loss"], "-" if s.get("final_val_bpb") is None
+            s["optimizer"], f"{s['best_lr']:.3g}" + ("" if s.get("best_weight_decay") is None
+                                                      else f" wd {s['best_weight_decay']:g}"), s["final_val_loss"], "-" if s.get("final_val_bpb") is None
             else s["final_val_bpb"], s["tokens"], s["wall_time_s"],
             s.get("step_ms_interleaved", s["step_ms"]),
             "-" if s["speedup_tokens"] is None else f"{s['speedup_tokens']:.2f}x",

@@ -42,6 +42,8 @@ from ..qkclip import QKSpec, grouped_max_logits
 # Named sizes. Everything not listed takes the GPTConfig default; d_ff follows the multiple_of rule.
 # Parameter counts (tied embeddings, dense MLP) are checked by tests/test_model.py.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
+    # ~0.1M parameters (0.05M outside the embeddings): the smallest size of the scaling study.
+    "micro": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=48, seq_len=128),
     # ~0.23M parameters; a training step at batch 16 takes ~60 ms on a 2-core CPU.
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=96, seq_len=128),
     # ~0.6M parameters (a step between tiny and small for the scaling study).

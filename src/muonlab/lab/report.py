@@ -100,7 +100,8 @@ def draw_plots(out_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
     if any(len(s["sweep"]) > 1 for s in summary["optimizers"].values()):
         fig, ax = plt.subplots(figsize=(7, 3.6))
         for opt, s in summary["optimizers"].items():
-            pts = [p for p in s["sweep"] if p["final_val_loss"] != float("inf")]
+            # the lr sweep (weight-decay stage points, at one lr, are in the summary table)
+            pts = [p for p in s["sweep"] if p["final_val_loss"] != float("inf") and p.get("weight_decay") is None]
             ax.plot([p["lr"] for p in pts], [p["final_val_loss"] for p in pts], marker="o", label=opt,
                     color=_color(opt, list(curves)))
         ax.set_xscale("log")
@@ -152,7 +153,9 @@ def write_report(out_dir: str | Path) -> Path:
         ttb = s.get("tokens_to_baseline")
         rows.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in [
-                _esc(s.get("optimizer")), _fmt(s.get("best_lr")), _fmt(s.get("final_val_loss")) + spread,
+                _esc(s.get("optimizer")), _fmt(s.get("best_lr")) + (
+                    "" if s.get("best_weight_decay") is None else f" (wd {_fmt(s.get('best_weight_decay'))})"),
+                _fmt(s.get("final_val_loss")) + spread,
                 _fmt(s.get("final_val_bpb")),
                 _fmt(s.get("tokens")), _fmt(round(ttb) if isinstance(ttb, (int, float)) else ttb),
                 _fmt(s.get("speedup_tokens"), "x"), _fmt(s.get("wall_time_s")),

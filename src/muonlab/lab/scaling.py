@@ -32,7 +32,7 @@ from .train import RunFolder, TrainConfig, atomic_write_bytes, atomic_write_text
 # 2509.02046): against a well-tuned AdamW, Muon's token speed-up is about 1.4x at 0.1B parameters
 # and about 1.1x at 1.2B (as quoted in issue 14). Drawn as a straight line in log(parameters).
 PUBLISHED_TREND = ((0.1e9, 1.4), (1.2e9, 1.1))
-DEFAULT_SIZES = ("tiny", "mini", "small", "medium")
+DEFAULT_SIZES = ("micro", "tiny", "mini", "small")
 MAX_EXTENSIONS = 2
 COLUMNS = ["model", "params", "non_embedding_params", "steps", "tokens", "baseline_lr", "baseline_lr_bracketed",
            "baseline_val_loss", "optimizer_best_lr_full_budget", "token_speedup", "time_speedup",

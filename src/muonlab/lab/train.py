@@ -100,6 +100,7 @@ class TrainConfig:
     stats_every: int = 0  # record Muon update statistics every N steps (0: at each eval)
     tensorboard: bool = False
     qk_clip: Optional[float] = None  # QK-Clip threshold tau (Kimi K2, arXiv 2507.20534); inf: log max_attn_logit only
+    weight_decay: Optional[float] = None  # every parameter's weight decay (None: the zoo's, 0; muonlab.lab.zoo.build_optimizer)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -131,12 +132,18 @@ class TrainConfig:
         if self.qk_clip is not None and (isinstance(self.qk_clip, bool) or not isinstance(self.qk_clip, (int, float))
                                          or not self.qk_clip > 0):
             raise ValueError(f"qk_clip must be a positive number (inf: log the max logit, never clip), got {self.qk_clip!r}")
+        if self.weight_decay is not None and (isinstance(self.weight_decay, bool)
+                                              or not isinstance(self.weight_decay, (int, float))
+                                              or not 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
 
     def key(self) -> str:
         """A short hash of the config: runs are cached per configuration."""
         fields_ = asdict(self)
         if fields_["qk_clip"] is None:
             del fields_["qk_clip"]  # runs without QK-Clip keep the keys (and cached results) they had
+        if fields_["weight_decay"] is None:
+            del fields_["weight_decay"]  # so do runs with the zoo's weight decay
         if fields_["tokenizer"] == DEFAULT_TOKENIZER:
             del fields_["tokenizer"]  # byte-level runs keep the keys (and cached results) they had
         blob = json.dumps(fields_, sort_keys=True, default=str).encode()
@@ -771,7 +778,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
     model, inner = par.wrap(model)  # DDP / FSDP2 / TP; the optimizer gets the inner module
-    opt = build_optimizer(cfg.optimizer, inner, size=cfg.model, lr=cfg.lr, adamw_lr=cfg.adamw_lr, **cfg.optimizer_options)
+    opt = build_optimizer(cfg.optimizer, inner, size=cfg.model, lr=cfg.lr, adamw_lr=cfg.adamw_lr,
+                          weight_decay=cfg.weight_decay, **cfg.optimizer_options)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     # QK-Clip (after wrap: the specs point at the parameters the optimizer updates, DTensors included)
     qk_clip = QKClip(inner.qk_clip_specs(), cfg.qk_clip) if cfg.qk_clip is not None else None
@@ -869,7 +877,9 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
                 opt.track_stats = bool(want_stats)  # type: ignore[attr-defined]
             loss_sum = 0.0
             # the per-head max attention logits of this step's batch, measured only when QK-Clip asks
-            with inner.track_max_logits() if qk_clip is not None else contextlib.nullcontext({}) as max_logits:
+            # (or when the optimizer clips by itself: pytorch-optimizer's MuonClip, muonlab.lab.zoo)
+            wants_logits = qk_clip is not None or hasattr(opt, "set_max_logits")
+            with inner.track_max_logits() if wants_logits else contextlib.nullcontext({}) as max_logits:
                 for micro in range(cfg.grad_accum):
                     x, y = corpus.get_batch("train", cfg.batch_size, seq_len, seed=cfg.seed,
                                             step=step * cfg.grad_accum + micro)
@@ -884,6 +894,8 @@ def _train(cfg: TrainConfig, run_dir: Path, par: Any, *, resume: bool, progress:
             elif cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lr_now = [g["lr"] for g in opt.param_groups]
+            if hasattr(opt, "set_max_logits"):
+                opt.set_max_logits(max_logits)
             opt.step()
             qk_stats = qk_clip.apply(max_logits) if qk_clip is not None else None  # every rank: one all_reduce
             opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ hidden matrices.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -94,8 +95,8 @@ class ZooEntry:
 
 
 # AdamW's learning rate per size: also used for the AdamW part of every Muon-style entry.
-ADAMW_LR = {"tiny": 2e-3, "mini": 1.5e-3, "small": 1e-3, "medium": 6e-4, "*": 6e-4}  # tiny: best of a 5e-4..3e-3 sweep (docs/lab.md); mini: between its neighbours
-MUON_LR = {"tiny": 0.02, "mini": 0.02, "small": 0.02, "medium": 0.02, "*": 0.02}
+ADAMW_LR = {"micro": 3e-3, "tiny": 2e-3, "mini": 1.5e-3, "small": 1e-3, "medium": 6e-4, "*": 6e-4}  # tiny: best of a 5e-4..3e-3 sweep (docs/lab.md); mini: between its neighbours; micro: the step down from tiny (the scaling study's sweep brackets it)
+MUON_LR = {"micro": 0.02, "tiny": 0.02, "mini": 0.02, "small": 0.02, "medium": 0.02, "*": 0.02}
 ADAMW_BETAS = (0.9, 0.95)  # LLM pretraining convention (GPT-3, Llama)
 WEIGHT_DECAY = 0.0  # short runs: decay only adds a knob to tune; both families get the same
 
@@ -111,9 +112,10 @@ def _split_by_routing(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 def _muon(**opts: Any) -> Callable[[nn.Module, float, float, dict[str, Any]], Optimizer]:
     def build(model: nn.Module, lr: float, adamw_lr: float, extra: dict[str, Any]) -> Optimizer:
         views = extra.pop("views", None)
+        wd = extra.pop("weight_decay", WEIGHT_DECAY)  # the lab's weight decay: every parameter, both parts
         groups = muon_param_groups(model, views=views) if views else muon_param_groups(model)
-        return Muon(groups, lr=lr, adamw_lr=adamw_lr, adamw_betas=ADAMW_BETAS, weight_decay=WEIGHT_DECAY,
-                    **{**opts, **extra})
+        return Muon(groups, lr=lr, adamw_lr=adamw_lr, adamw_betas=ADAMW_BETAS, weight_decay=wd,
+                    adamw_weight_decay=wd, **{**opts, **extra})
 
     return build
 
@@ -143,10 +145,88 @@ def _torch_muon(model: nn.Module, lr: float, adamw_lr: float, extra: dict[str, A
     hidden, other = _split_by_routing(model)
     hidden2d = [p for p in hidden if p.ndim == 2]
     other += [p for p in hidden if p.ndim != 2]  # torch's Muon takes 2-D parameters only
+    wd = extra.pop("weight_decay", WEIGHT_DECAY)
     return ChainedOptimizer([
-        torch.optim.Muon(hidden2d, lr=lr, momentum=0.95, nesterov=True, weight_decay=WEIGHT_DECAY, **extra),
-        torch.optim.AdamW(other, lr=adamw_lr, betas=ADAMW_BETAS, weight_decay=WEIGHT_DECAY) if other else None,
+        torch.optim.Muon(hidden2d, lr=lr, momentum=0.95, nesterov=True, weight_decay=wd, **extra),
+        torch.optim.AdamW(other, lr=adamw_lr, betas=ADAMW_BETAS, weight_decay=wd) if other else None,
     ])
+
+
+def _import_pytorch_optimizer(cls_name: str) -> Any:
+    try:
+        import pytorch_optimizer as mod
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"optimizer {cls_name} comes from pytorch-optimizer: pip install 'muonlab[lab]'") from exc
+    return getattr(mod, cls_name)
+
+
+def _po_muon_groups(model: nn.Module, lr: float, adamw_lr: float, wd: float) -> list[dict[str, Any]]:
+    """pytorch-optimizer's ``use_muon`` groups with muonlab's routing (the same split as every Muon entry)."""
+    hidden, other = _split_by_routing(model)
+    groups = [dict(params=hidden, use_muon=True, lr=lr, weight_decay=wd)]
+    if other:
+        groups.append(dict(params=other, use_muon=False, lr=adamw_lr, betas=ADAMW_BETAS, weight_decay=wd))
+    return groups
+
+
+def _po_adamuon(model: nn.Module, lr: float, adamw_lr: float, extra: dict[str, Any]) -> Optimizer:
+    """AdaMuon (Si et al. 2025, arXiv 2507.11005) as pytorch-optimizer ships it: an elementwise second
+    moment on the orthogonalized momentum, rescaled to the RMS of Moonlight's 0.2*sqrt(max(A, B)) rule,
+    so its learning rate is AdamW-like."""
+    cls = _import_pytorch_optimizer("AdaMuon")
+    wd = extra.pop("weight_decay", WEIGHT_DECAY)
+    return cls(_po_muon_groups(model, lr, adamw_lr, wd), **extra)
+
+
+def _po_muonclip(model: nn.Module, lr: float, adamw_lr: float, extra: dict[str, Any]) -> Optimizer:
+    """pytorch-optimizer's MuonClip (Kimi K2, arXiv 2507.20534: Muon without Nesterov, Moonlight's lr
+    rule, QK-Clip at threshold 100) on the lab GPT.
+
+    Its clipping reads per-head max logits from ``step(attention_max_logits=...)`` and scales each
+    labelled group's rows in head-sized blocks. The lab GPT has grouped-query attention, so each
+    layer's query weight gets the (n_head,) logits and its key weight a separate label with the max
+    over each key head's query group, (n_kv_head,): the block mapping is then the right one. The
+    trainer hands the logits over through :meth:`set_max_logits` (it tracks them when an optimizer
+    has that method)."""
+    cls = _import_pytorch_optimizer("MuonClip")
+    wd = extra.pop("weight_decay", WEIGHT_DECAY)
+    specs = getattr(model, "qk_clip_specs", None)
+    if specs is None:
+        raise ValueError("muonclip needs the lab GPT (a model with qk_clip_specs()) to label its attention weights")
+    labelled: dict[int, dict[str, Any]] = {}
+    kv_groups: dict[str, tuple[str, int]] = {}
+    for spec in specs():
+        (q_rows,), (k_rows,) = spec.q, spec.k
+        labelled[id(q_rows.tensor)] = dict(attention_name=spec.name, qk_clip="query")
+        labelled[id(k_rows.tensor)] = dict(attention_name=spec.name + ".keys", qk_clip="key")
+        kv_groups[spec.name] = (spec.name + ".keys", spec.n_heads // spec.n_kv_heads)
+    groups = []
+    for g in _po_muon_groups(model, lr, adamw_lr, wd):
+        if not g["use_muon"]:
+            groups.append(g)
+            continue
+        plain = [p for p in g["params"] if id(p) not in labelled]
+        if plain:
+            groups.append({**g, "params": plain})
+        groups.extend({**g, "params": [p], **labelled[id(p)]} for p in g["params"] if id(p) in labelled)
+
+    class LabMuonClip(cls):  # type: ignore[misc, valid-type]
+        _max_logits: Optional[dict[str, torch.Tensor]] = None
+
+        def set_max_logits(self, max_logits: dict[str, torch.Tensor]) -> None:
+            """This step's per-head max logits, {layer: (n_head,)}, as GPT.track_max_logits() reports them."""
+            per_group = dict(max_logits)
+            for layer, value in max_logits.items():
+                keys_name, group_size = kv_groups[layer]
+                per_group[keys_name] = value.view(-1, group_size).amax(dim=1)  # the max over each key head's queries
+            self._max_logits = per_group
+
+        @torch.no_grad()
+        def step(self, closure: Optional[Callable[[], Any]] = None, attention_max_logits: Any = None) -> Any:
+            logits, self._max_logits = (attention_max_logits or self._max_logits), None
+            return super().step(closure, attention_max_logits=logits)
+
+    return LabMuonClip(groups, **extra)
 
 
 def _simple(cls_path: str, **fixed: Any) -> Callable[[nn.Module, float, float, dict[str, Any]], Optimizer]:
@@ -209,6 +289,10 @@ for _e in [
     ZooEntry("shampoo", "second-order", "Shampoo (pytorch-optimizer)", _simple("pytorch_optimizer.Shampoo", momentum=0.9),
              {"*": 3e-3}, needs_extra="lab"),
     ZooEntry("soap", "second-order", "SOAP (pytorch-optimizer)", _simple("pytorch_optimizer.SOAP"), {"*": 3e-3}, needs_extra="lab"),
+    ZooEntry("adamuon", "muon", "AdaMuon (pytorch-optimizer): second moment on the orthogonalized momentum, "
+             "Moonlight-scaled lr", _po_adamuon, ADAMW_LR, needs_extra="lab"),
+    ZooEntry("muonclip", "muon", "MuonClip (pytorch-optimizer): Kimi K2's Muon + QK-Clip at tau 100, Moonlight-scaled lr",
+             _po_muonclip, ADAMW_LR, needs_extra="lab"),
 ]:
     register(_e)
 
@@ -226,9 +310,13 @@ def build_optimizer(
     size: str = "*",
     lr: Optional[float] = None,
     adamw_lr: Optional[float] = None,
+    weight_decay: Optional[float] = None,
     **extra: Any,
 ) -> Optimizer:
     """Build zoo optimizer ``name`` for ``model`` with the size's default or the given lr.
+
+    ``weight_decay`` (None: the zoo's, 0) is the optimizer's own ``weight_decay`` for every parameter
+    (decoupled, times the lr, for AdamW, Lion and the Muon family, whose AdamW part gets it too).
 
     Example:
         >>> from torch import nn
@@ -241,6 +329,10 @@ def build_optimizer(
     if not (lr > 0):
         raise ValueError(f"optimizer {name}: learning rate must be > 0, got {lr}")
     adamw_lr = ADAMW_LR.get(size, ADAMW_LR["*"]) if adamw_lr is None else adamw_lr
+    if weight_decay is not None:
+        if isinstance(weight_decay, bool) or not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
+            raise ValueError(f"optimizer {name}: weight_decay must be a number >= 0, got {weight_decay!r}")
+        extra["weight_decay"] = float(weight_decay)
     return entry.build(model, lr, adamw_lr, dict(extra))
 
 

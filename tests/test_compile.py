@@ -19,17 +19,37 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Embedding(32, 24), nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 24), nn.Linear(24, 24), nn.Linear(24, 32))
 
 
-def _train(compile: bool, steps: int = 3) -> list[torch.Tensor]:
+def _train(compile: bool, steps: int = 3, whole_step: bool = False, **opts) -> list[torch.Tensor]:
     model = _model()
-    opt = Muon(model, lr=0.05, adamw_lr=1e-2, compile=compile)
+    opt = Muon(model, lr=0.05, adamw_lr=1e-2, compile=compile, **opts)
+    # the whole step as one graph: fullgraph=True fails on any graph break
+    step = torch.compile(opt.step, fullgraph=True) if whole_step else opt.step
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randint(0, 32, (4, 6), generator=gen)
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
         opt.zero_grad()
         loss.backward()
-        opt.step()
+        step()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def test_the_whole_step_compiles_as_one_graph_and_matches_eager() -> None:
+    """torch.compile(opt.step, fullgraph=True): no graph break anywhere in the step (Muon and the fused
+    AdamW part) when the gradient check is off, the check being a host decision; the result equals the
+    eager step, and later steps reuse the graph instead of recompiling."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _train(False, steps=4, nonfinite="propagate", fused=True)
+    compiled = _train(False, steps=4, whole_step=True, nonfinite="propagate", fused=True)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=2e-5)
+    assert not counters["graph_break"]
+    # the first step (state created) and the second (state present) trace; the rest hit the cache
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
 def test_compiled_muon_matches_eager_muon() -> None:

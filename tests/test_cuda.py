@@ -106,16 +106,18 @@ def _model() -> nn.Module:
                          nn.Linear(96, 96), nn.Linear(96, 64))
 
 
-def _steps(device: torch.device, steps: int = 3, **opts: object) -> list[torch.Tensor]:
+def _steps(device: torch.device, steps: int = 3, mode: str | None = None, **opts: object) -> list[torch.Tensor]:
     model = _model().to(device)
     opt = Muon(model, lr=0.02, adamw_lr=1e-3, **opts)
+    # mode: the whole step under torch.compile(mode=...), fullgraph ("reduce-overhead": CUDA graphs)
+    step = torch.compile(opt.step, mode=mode, fullgraph=True) if mode else opt.step
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randint(0, 64, (8, 16), generator=gen).to(device)
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
         opt.zero_grad()
         loss.backward()
-        opt.step()
+        step()
     return [p.detach().cpu() for p in model.parameters()]
 
 
@@ -136,6 +138,16 @@ def test_default_step_on_cuda_matches_a_bf16_cpu_step() -> None:
 
 def test_compiled_step_on_cuda_matches_eager() -> None:
     eager, compiled = _steps(CUDA, ns_dtype="fp32"), _steps(CUDA, ns_dtype="fp32", compile=True)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_the_whole_step_compiles_and_is_captured_on_cuda(mode: str) -> None:
+    """torch.compile(opt.step, fullgraph=True) on CUDA, and with mode="reduce-overhead" replayed as a
+    CUDA graph, against the eager step (nonfinite="propagate": the gradient check is a host decision)."""
+    eager = _steps(CUDA, steps=5, ns_dtype="fp32", nonfinite="propagate")
+    compiled = _steps(CUDA, steps=5, mode=mode, ns_dtype="fp32", nonfinite="propagate")
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=0, atol=1e-4)
 

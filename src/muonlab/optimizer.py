@@ -831,7 +831,7 @@ class Muon(Optimizer):
             return self.batch_max_elements
         # a bf16 matmul of side <= ~1k runs on one thread, a stacked batch on all of them: stack
         # about one 2**20-element matrix per intra-op thread
-        return 2**28 if device.type == "cuda" else 2**20 * max(1, torch.get_num_threads())
+        return 2**28 if device.type == "cuda" else 2**20 * max(1, _intra_op_threads())
 
     def _rounding_generator(self, p: Tensor, buf: Tensor) -> Optional[torch.Generator]:
         """The random bits for stochastically rounding ``p``'s new state into bf16 (None for other
@@ -937,6 +937,13 @@ class Muon(Optimizer):
 _STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 _STATE_DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
                         "fp64": "fp64", "float64": "fp64"}
+
+
+@torch._dynamo.assume_constant_result
+def _intra_op_threads() -> int:
+    """torch.get_num_threads(), read by torch.compile as a constant of the traced step (an int-returning
+    torch call would otherwise break the graph)."""
+    return torch.get_num_threads()
 
 
 def _state_dtype_name(value: Any, where: str) -> Optional[str]:

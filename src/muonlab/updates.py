@@ -161,7 +161,9 @@ def adamw_multi_(
         return
     if isinstance(lr, torch.Tensor) and lr.device != params[0].device:
         lr = lr.to(params[0].device)  # a copy to the device, not a read back to the host
-    if fused:
+    # under torch.compile the foreach form below is traced and fused by the compiler; the fused kernel
+    # mutates state created inside the graph, which functionalization refuses (torch 2.13)
+    if fused and not torch.compiler.is_compiling():
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
                             grad_scale=None, found_inf=None)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
+
+from muonlab.cli import main
 
 from muonlab.lab.scaling import bracketed, parameter_counts, scaling, steps_for
 from muonlab.lab.train import TrainConfig
@@ -41,6 +45,32 @@ def test_scaling_small_budget_writes_and_resumes(tmp_path):
     again = scaling(["mini", "tiny"], **kw)
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps  # nothing retrained
     assert [r["token_speedup"] for r in again["sizes"]] == [r["token_speedup"] for r in res["sizes"]]
+
+    # the report page, drawn from scaling.json alone (by the study, and again by `muonlab report`)
+    page = (tmp_path / "s" / "report.html").read_text()
+    table = page[page.index('<table id="scaling"'):page.index("</table>")]
+    assert table.count("<tr>") == 3 and "<td>tiny</td>" in table and "<td>mini</td>" in table
+    assert "203,232" in table and "553,856" in table
+    (tmp_path / "s" / "report.html").unlink()
+    (tmp_path / "s" / "scaling.png").unlink()
+    assert main(["report", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "report.html").read_text() == page
+    assert (tmp_path / "s" / "scaling.png").stat().st_size > 5000
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "Debian's chromium is required for this test (scripts/setup.sh --dev installs it)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000", "--dump-dom"]
+    dom = subprocess.run([browser, *flags, (tmp_path / "s" / "report.html").as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-plots-rendered="1"' in dom.stdout
+
+
+def test_report_of_a_damaged_scaling_json_is_named(tmp_path, capsys):
+    (tmp_path / "scaling.json").write_text('{"sizes": []}')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a `muonlab scaling` result (no sizes)" in capsys.readouterr().err
 
 
 def test_scaling_rejects_bad_input(tmp_path):

@@ -248,8 +248,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train_args(p, DEFAULT_COMPARE_STEPS)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="redraw plots and report.html of a compare folder from its files")
-    p.add_argument("dir", help="folder written by `muonlab compare`")
+    p = sub.add_parser("report", help="redraw plots and report.html of a compare or scaling folder from its files")
+    p.add_argument("dir", help="folder written by `muonlab compare` or `muonlab scaling`")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("efficiency", help="tokens/time an optimizer needs to match the baseline's final loss")

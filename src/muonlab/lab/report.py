@@ -29,7 +29,8 @@ def _plt():
 def load_summary(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "summary.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {out_dir} a folder written by `muonlab compare`?")
+        raise FileNotFoundError(f"{path} not found: is {out_dir} a folder written by `muonlab compare` "
+                                "(or scaling.json, by `muonlab scaling`)?")
     summary = read_json(path, "summary file")
     missing = [k for k in ("optimizers", "baseline", "target_val_loss") if not isinstance(summary, dict) or k not in summary]
     if missing:
@@ -142,8 +143,11 @@ def _fmt(v: Any, kind: str = "") -> str:
 
 
 def write_report(out_dir: str | Path) -> Path:
-    """Draw the plots and write ``report.html`` (images embedded, no external files)."""
+    """Draw the plots and write ``report.html`` (images embedded, no external files): a comparison
+    page for a ``muonlab compare`` folder, the scaling page for a ``muonlab scaling`` folder."""
     out_dir = Path(out_dir)
+    if not (out_dir / "summary.json").exists() and (out_dir / "scaling.json").exists():
+        return write_scaling_report(out_dir)
     summary = load_summary(out_dir)
     plots = draw_plots(out_dir, summary)
     rows = []
@@ -207,6 +211,79 @@ runs' wall clocks are in summary.json as <code>speedup_time_wallclock</code>.</p
 <pre id="config">{_esc(cfg)}</pre>
 <script>
 // lets a headless browser test confirm every plot decoded and rendered
+window.addEventListener('load', () => {{
+  const imgs = Array.from(document.querySelectorAll('img.plot'));
+  document.body.dataset.plotsRendered = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
+    path = out_dir / "report.html"
+    atomic_write_text(path, doc)
+    return path
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left} th{background:#f3f3f3}
+img.plot{max-width:700px;border:1px solid #eee}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}"""
+
+
+def write_scaling_report(out_dir: str | Path) -> Path:
+    """``report.html`` of a ``muonlab scaling`` folder, drawn from ``scaling.json`` alone: the speed-up
+    against parameters (the plot redrawn), one row per size, and each size's efficiency points."""
+    from .scaling import plot_scaling
+
+    out_dir = Path(out_dir)
+    result = read_json(out_dir / "scaling.json", "scaling file")
+    if not isinstance(result, dict) or not isinstance(result.get("sizes"), list) or not result["sizes"]:
+        raise ValueError(f"{out_dir / 'scaling.json'} is not a `muonlab scaling` result (no sizes)")
+    plot = out_dir / "scaling.png"
+    plot_scaling(result, plot)
+    opt, base = _esc(result.get("optimizer")), _esc(result.get("baseline"))
+    rows = []
+    for r in result["sizes"]:
+        lr = _fmt(r.get("baseline_lr")) + ("" if r.get("baseline_lr_bracketed") else " (edge of the sweep)")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in [
+            _esc(r.get("model")), _fmt(r.get("non_embedding_params")), _fmt(r.get("params")), _fmt(r.get("steps")),
+            _fmt(r.get("tokens")), lr, _fmt(r.get("baseline_val_loss")), _fmt(r.get("optimizer_best_lr_full_budget")),
+            _fmt(r.get("token_speedup"), "x") if r.get("token_speedup") is not None else "not reached",
+            _fmt(r.get("time_speedup"), "x") if r.get("time_speedup") is not None else "—",
+            _esc(", ".join(str(s) for s in r.get("seeds") or [])),
+            _fmt(r.get("train_time_s") / 60 if isinstance(r.get("train_time_s"), (int, float)) else None),
+        ]) + "</tr>")
+    data = base64.b64encode(plot.read_bytes()).decode()
+    trend = ", ".join(f"{_fmt(t.get('token_speedup'), 'x')} at {_fmt(t.get('params'))}"
+                      for t in result.get("published_trend") or [] if isinstance(t, dict))
+    cfg = json.dumps({k: result.get(k) for k in ("config", "environment")}, indent=2, default=str)
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>muonlab scaling study</title>
+<style>
+{STYLE}
+</style></head>
+<body>
+<h1>muonlab: {opt} against {base} across model sizes</h1>
+<p>Tokenizer <b>{_esc(config.get('tokenizer', 'bytes'))}</b>, {_fmt(result.get('tokens_per_param'))} training tokens per
+non-embedding parameter for {base}'s runs, batch {_fmt(config.get('batch_size'))}. At every size {base} trains for the
+full budget and {opt} in separate, fully decayed runs at fractions of it, both with a learning-rate sweep; the
+token speed-up is where {opt}'s final-loss-against-budget curve reaches {base}'s final loss ("not reached": not within
+the largest fraction run). The time speed-up multiplies it by the ratio of step times measured by alternating the
+two optimizers' training steps in one process. Published trend drawn for reference
+({_esc(result.get('published_trend_source'))}): {trend}.</p>
+<table id="scaling">
+<thead><tr><th>model</th><th>non-embedding params</th><th>params</th><th>steps</th><th>tokens</th><th>{base} lr</th>
+<th>{base} final val loss</th><th>{opt} lr (full budget)</th><th>token speed-up</th><th>time speed-up</th><th>seeds</th>
+<th>training (min)</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<figure><img class="plot" alt="scaling" src="data:image/png;base64,{data}"><figcaption>speed-up against
+non-embedding parameters</figcaption></figure>
+<h2>Configuration and environment</h2>
+<pre id="config">{_esc(cfg)}</pre>
+<script>
 window.addEventListener('load', () => {{
   const imgs = Array.from(document.querySelectorAll('img.plot'));
   document.body.dataset.plotsRendered = imgs.filter(i => i.complete && i.naturalWidth > 0).length;

@@ -10,8 +10,9 @@ says so). Two seeds at the smallest and the largest size, one in between (``seed
 ``seeds_middle``).
 
 Every run is cached on disk under ``OUT/<size>/runs/...``, so an interrupted study resumes where it
-stopped. Writes ``scaling.json``, ``scaling.csv`` and ``scaling.png`` (speed-ups against
-non-embedding parameters, with the published trend drawn for reference).
+stopped. Writes ``scaling.json``, ``scaling.csv``, ``scaling.png`` (speed-ups against non-embedding
+parameters, with the published trend drawn for reference) and ``report.html`` (``muonlab report
+OUT`` redraws it).
 """
 
 from __future__ import annotations
@@ -175,7 +176,9 @@ def _write(rows: list[dict[str, Any]], optimizer: str, baseline: str, base: Trai
     for r in rows:
         w.writerow([json.dumps(r[c]) if isinstance(r[c], (dict, list)) else r[c] for c in COLUMNS])
     atomic_write_bytes(out_dir / "scaling.csv", buf.getvalue().encode("utf-8"))
-    plot_scaling(result, out_dir / "scaling.png")
+    from .report import write_scaling_report
+
+    write_scaling_report(out_dir)  # draws scaling.png and the report.html page from scaling.json
 
 
 def plot_scaling(result: dict[str, Any], path: Path) -> None:

@@ -217,8 +217,9 @@ def contenders(device: torch.device, set_name: str, all_variants: bool, heavybal
     out.append(Contender("muonlab.Muon polar_express", ours(ns_coefficients="polar_express"), chosen,
                          auto_method(chosen), peer=False))
     out.append(Contender("muonlab.Muon normuon=True", ours(normuon=True), chosen, auto_method(chosen), peer=False))
-    out.append(Contender("muonlab.Muon batch_max_elements=2**24", ours(batch_max_elements=2**24), chosen,
-                         auto_method(chosen), peer=False, note="larger stacks than the CPU default (2**20 elements)"))
+    for exp in (22, 24, 26):  # stack sizes around and above the CPU default (2**20 elements per thread)
+        out.append(Contender(f"muonlab.Muon batch_max_elements=2**{exp}", ours(batch_max_elements=2**exp), chosen,
+                             auto_method(chosen), peer=False, note="stacks of at most this many elements"))
     if chosen != torch.float32 and (all_variants or set_name.startswith("lab")):
         out.append(Contender("muonlab.Muon ns_dtype=fp32", ours(ns_dtype="fp32"), torch.float32,
                              auto_method(torch.float32), peer=False))

@@ -191,3 +191,40 @@ def test_weight_decay_flags_are_checked(capsys, tmp_path):
     assert "muonlab compare: error: --weight-decays must be distinct comma-separated numbers >= 0" in err
     assert main(["compare", "--weight-decays", "0.1", "--wd-top", "0", "--out", str(tmp_path / "y")]) == 2
     assert "--wd-top must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_efficiency_says_when_a_best_lr_sits_at_the_end_of_its_sweep(tmp_path):
+    text = "".join(f"def g{i}(a):\n    return a - {i}\n\n" for i in range(2000))
+    (tmp_path / "d.py").write_text(text)
+    load_corpus(tmp_path / "d.py", cache_dir=tmp_path / "cache")
+    base = TrainConfig(model="tiny", model_overrides=SMALL, steps=6, batch_size=2, eval_batches=1, warmup=1,
+                       device="cpu", data=str(tmp_path / "d.py"))
+    from muonlab.lab.compare import bracketed, efficiency
+
+    lines: list[str] = []
+    res = efficiency("muon", "adamw", base=base, fractions=(0.5, 1.0), seeds=(0,), lr_multipliers=(0.5, 1.0, 2.0),
+                     out=tmp_path / "e", progress=False, log=lines.append)
+    assert res["lr_multipliers"] == [0.5, 1.0, 2.0]
+    full = res["points"][-1]
+    for key, swept, name in (("baseline_lr_bracketed", res["baseline_result"], "adamw"),
+                             ("optimizer_lr_bracketed", full, "muon")):
+        assert res[key] == bracketed(swept["sweep"])[0]
+        warned = [ln for ln in lines if ln.startswith(f"  warning: {name}'s best lr")]
+        assert bool(warned) == (not res[key]), (key, lines)
+    # a one-point "sweep" brackets nothing: both are flagged
+    lines.clear()
+    res = efficiency("muon", "adamw", base=base, fractions=(0.5, 1.0), seeds=(0,), lr_multipliers=(1.0,),
+                     out=tmp_path / "e", progress=False, log=lines.append)
+    assert res["baseline_lr_bracketed"] is False and res["optimizer_lr_bracketed"] is False
+    assert sum("warning:" in ln and "widen it (--lr-multipliers)" in ln for ln in lines) == 2
+
+
+def test_efficiency_cli_passes_the_lr_multipliers(monkeypatch, capsys, tmp_path):
+    from muonlab.lab import compare as compare_mod
+
+    calls = []
+    monkeypatch.setattr(compare_mod, "efficiency", lambda *a, **kw: calls.append(kw) or {})
+    assert main(["efficiency", "--lr-multipliers", "0.5,1,2,4", "--out", str(tmp_path / "e")]) == 0
+    assert calls[0]["lr_multipliers"] == (0.5, 1.0, 2.0, 4.0)
+    assert main(["efficiency", "--lr-multipliers", "0,1", "--out", str(tmp_path / "f")]) == 2
+    assert "muonlab efficiency: error: --lr-multipliers must be positive, got '0,1'" in capsys.readouterr().err

@@ -159,8 +159,11 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     base = _base_config(args, DEFAULT_COMPARE_STEPS)
     fractions = parse_fractions(args.fractions)
     seeds = parse_seeds(args.seeds)
+    multipliers = _parse_floats(args.lr_multipliers, "--lr-multipliers")
+    if any(m <= 0 for m in multipliers):
+        raise ValueError(f"--lr-multipliers must be positive, got {args.lr_multipliers!r}")
     efficiency(args.optimizer, args.baseline, base=base, fractions=fractions, sweep=not args.no_sweep, seeds=seeds,
-               out=args.out, progress=not args.quiet)
+               lr_multipliers=multipliers, out=args.out, progress=not args.quiet)
     return 0
 
 
@@ -257,6 +260,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default="adamw")
     p.add_argument("--fractions", default="0.4,0.5,0.67,0.8,1.0", help="budgets as fractions of --steps")
     p.add_argument("--no-sweep", action="store_true", help="use default learning rates only")
+    p.add_argument("--lr-multipliers", default="0.5,1,2", metavar="M,M,M",
+                   help="the sweep: multiples of each optimizer's default lr; widen it when a best lr is at an end "
+                        "(the result and the log say so) [0.5,1,2]")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=None, help="output folder [runs/efficiency-<time>]")
     _add_train_args(p, DEFAULT_COMPARE_STEPS)

@@ -59,6 +59,17 @@ def _holds_results(out_dir: Path) -> bool:
     return any(p.name != LOCK_FILE for p in out_dir.iterdir())
 
 
+def bracketed(sweep: dict[Any, float]) -> tuple[bool, int]:
+    """(is the best learning rate strictly inside the grid?, -1/+1: the side to extend, 0 when inside)."""
+    lrs = sorted(float(k) for k in sweep)
+    best = min(lrs, key=lambda lr: sweep.get(lr, sweep.get(str(lr), math.inf)))
+    if len(lrs) < 3 or best == lrs[0]:
+        return False, -1
+    if best == lrs[-1]:
+        return False, +1
+    return True, 0
+
+
 def _run_name(optimizer: str, lr: float, seed: int, weight_decay: Optional[float] = None) -> str:
     wd = "" if weight_decay is None else f"_wd{weight_decay:g}"
     return f"{optimizer}/lr{lr:.3g}{wd}_seed{seed}"
@@ -422,7 +433,17 @@ def _efficiency(optimizer: str, baseline: str, base: TrainConfig, fractions: tup
         "per_seed_token_ratio_mean": statistics.fmean(ok) if ok else None,
         "per_seed_token_ratio_std": statistics.stdev(ok) if len(ok) > 1 else 0.0,
         "seeds": list(seeds), "config": asdict(base), "environment": environment(),
+        "lr_multipliers": list(lr_multipliers) if sweep else [1.0],
     }
+    # is each best lr inside its grid? (the baseline's, and the optimizer's at the full budget)
+    full = min(points, key=lambda p: abs(p["fraction"] - 1.0))
+    for who, swept in (("baseline", ref), ("optimizer", full)):
+        inside, side = bracketed(swept["sweep"]) if sweep else (True, 0)
+        result[f"{who}_lr_bracketed"] = inside
+        if not inside:
+            name = baseline if who == "baseline" else optimizer
+            log(f"  warning: {name}'s best lr {swept['best_lr']:.3g} is at the {'low' if side < 0 else 'high'} end of "
+                f"its sweep {sorted(float(k) for k in swept['sweep'])}; widen it (--lr-multipliers) to bracket it")
     atomic_write_text(out_dir / "efficiency.json", json.dumps(result, indent=2, default=str))
     _plot_efficiency(result, out_dir / "efficiency.png")
     tr = "not reached" if token_ratio is None else f"{token_ratio:.3f}x tokens ({1 / token_ratio:.2f}x fewer)"

@@ -26,7 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .compare import DEFAULT_FRACTIONS, SWEEP_MULTIPLIERS, efficiency
+from .compare import DEFAULT_FRACTIONS, SWEEP_MULTIPLIERS, bracketed, efficiency
 from .train import RunFolder, TrainConfig, atomic_write_bytes, atomic_write_text, environment, read_json
 
 # Wen, Hall, Ma & Liang 2025, "Fantastic Pretraining Optimizers and Where to Find Them" (arXiv
@@ -57,17 +57,6 @@ def parameter_counts(size: str, base: Optional[TrainConfig] = None, vocab_size: 
 def steps_for(non_embedding: int, tokens_per_param: float, batch_size: int, seq_len: int, min_steps: int) -> int:
     """Optimizer steps that give ``tokens_per_param`` training tokens per non-embedding parameter."""
     return max(min_steps, math.ceil(tokens_per_param * non_embedding / (batch_size * seq_len)))
-
-
-def bracketed(sweep: dict[Any, float]) -> tuple[bool, int]:
-    """(is the best learning rate strictly inside the grid?, -1/+1: the side to extend, 0 when inside)."""
-    lrs = sorted(float(k) for k in sweep)
-    best = min(lrs, key=lambda lr: sweep.get(lr, sweep.get(str(lr), math.inf)))
-    if len(lrs) < 3 or best == lrs[0]:
-        return False, -1
-    if best == lrs[-1]:
-        return False, +1
-    return True, 0
 
 
 def scaling(

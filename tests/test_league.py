@@ -228,3 +228,31 @@ def test_efficiency_cli_passes_the_lr_multipliers(monkeypatch, capsys, tmp_path)
     assert calls[0]["lr_multipliers"] == (0.5, 1.0, 2.0, 4.0)
     assert main(["efficiency", "--lr-multipliers", "0,1", "--out", str(tmp_path / "f")]) == 2
     assert "muonlab efficiency: error: --lr-multipliers must be positive, got '0,1'" in capsys.readouterr().err
+
+
+def test_compare_extends_a_sweep_whose_best_lr_is_at_an_end(tmp_path):
+    """After the lr sweep, an optimizer whose best lr is at an end of its grid gets the next point out
+    (x2 or /2, up to MAX_LR_EXTENSIONS times); the summary says whether each optimum is inside."""
+    from muonlab.lab.compare import MAX_LR_EXTENSIONS, bracketed
+
+    text = "".join(f"def h{i}(b):\n    return b * {i}\n\n" for i in range(2000))
+    (tmp_path / "d.py").write_text(text)
+    load_corpus(tmp_path / "d.py", cache_dir=tmp_path / "cache")
+    base = TrainConfig(model="tiny", model_overrides=SMALL, steps=6, batch_size=2, eval_every=3, eval_batches=1,
+                       checkpoint_every=6, warmup=1, device="cpu", data=str(tmp_path / "d.py"))
+    lines: list[str] = []
+    # sgd at 1e-4..4e-4 times its default barely moves: its best is the top of the grid, every time
+    summary = compare(["sgd", "adamw"], base=base, sweep=True, lr_multipliers=(0.5, 1.0, 2.0), seeds=(0,),
+                      out=tmp_path / "c", progress=False, log=lines.append, report=False)
+    extended = summary["config"]["lr_extended"]
+    for name, s in summary["optimizers"].items():
+        lrs = sorted(p["lr"] for p in s["sweep"])
+        assert len(lrs) == 3 + len(extended.get(name, []))
+        inside = bracketed({p["lr"]: p["final_val_loss"] for p in s["sweep"]})[0]
+        assert s["lr_bracketed"] == inside
+        assert inside or len(extended.get(name, [])) == MAX_LR_EXTENSIONS, (name, s["sweep"])
+        grid = [p for p in lrs if p not in extended.get(name, [])]
+        for lr in extended.get(name, []):  # each added point is one factor of 2 beyond the grid before it
+            assert lr in (min(grid) / 2, max(grid) * 2), (lr, grid)
+            grid.append(lr)
+    assert any(line.startswith("muonlab compare: best lr at an end of the sweep") for line in lines) == bool(extended)

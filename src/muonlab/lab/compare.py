@@ -33,6 +33,7 @@ from .train import (
 from .zoo import get_entry, parse_optimizer_list
 
 SWEEP_MULTIPLIERS = (0.5, 1.0, 2.0)  # around each entry's per-size default learning rate
+MAX_LR_EXTENSIONS = 2  # compare --sweep: points added beyond an end of the grid where the best lr sits
 
 
 def default_out_dir() -> Path:
@@ -176,6 +177,26 @@ def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_
                     f"({res['wall_time_s']:.1f}s, {res['step_ms']:.1f} ms/step)")
 
     run_plan([(name, lr, seed, None) for name, lr, seed in plan], "")
+    # a swept optimizer whose best lr is at an end of its grid gets the next point out (x2 or /2), up to
+    # MAX_LR_EXTENSIONS times, so that every reported optimum is inside its sweep (or says it is not)
+    extended: dict[str, list[float]] = {}
+    for _ in range(MAX_LR_EXTENSIONS if sweep and len(lr_multipliers) >= 3 else 0):
+        more = []
+        for name in names:
+            means: dict[float, list[float]] = {}
+            for r in runs[name]:
+                if r.get("weight_decay") is None:
+                    means.setdefault(r["lr"], []).append(r["final_val_loss"])
+            inside, side = bracketed({lr: statistics.fmean(v) for lr, v in means.items()})
+            if not inside:
+                lr = min(means) / 2 if side < 0 else max(means) * 2
+                extended.setdefault(name, []).append(lr)
+                more += [(name, lr, seed, None) for seed in seeds]
+        if not more:
+            break
+        log(f"muonlab compare: best lr at an end of the sweep for {', '.join(sorted({m[0] for m in more}))}: "
+            f"{len(more)} more runs one step further out")
+        run_plan(more, "lr+ ")
     wd_for: list[str] = []
     if weight_decays:
         first = summarize(runs, baseline, out_dir)["optimizers"]
@@ -189,9 +210,13 @@ def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_
     log("timing one training step of each optimizer, alternating them in one process ...")
     step_ms = interleaved_step_ms(names, base)
     summary = summarize(runs, baseline, out_dir, step_ms)
+    for s in summary["optimizers"].values():  # is the best lr of the lr sweep strictly inside it?
+        lr_points = {p["lr"]: p["final_val_loss"] for p in s["sweep"] if p["weight_decay"] is None}
+        s["lr_bracketed"] = bracketed(lr_points)[0] if sweep and len(lr_multipliers) >= 3 else None
     summary["config"] = {**asdict(base), "seeds": list(seeds), "sweep": sweep,
                          "lr_multipliers": list(lr_multipliers) if sweep else [1.0],
-                         "weight_decays": list(weight_decays), "weight_decay_swept_for": wd_for}
+                         "weight_decays": list(weight_decays), "weight_decay_swept_for": wd_for,
+                         "lr_extended": extended}
     summary["corpus"] = corpus.meta
     summary["tokenizer"] = corpus.tokenizer_meta
     summary["environment"] = environment()
@@ -298,8 +323,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = []
     for s in summary["optimizers"].values():
         rows.append([
-            s["optimizer"], f"{s['best_lr']:.3g}" + ("" if s.get("best_weight_decay") is None
-                                                      else f" wd {s['best_weight_decay']:g}"), s["final_val_loss"], "-" if s.get("final_val_bpb") is None
+            s["optimizer"], f"{s['best_lr']:.3g}" + (" (edge)" if s.get("lr_bracketed") is False else "")
+            + ("" if s.get("best_weight_decay") is None else f" wd {s['best_weight_decay']:g}"), s["final_val_loss"], "-" if s.get("final_val_bpb") is None
             else s["final_val_bpb"], s["tokens"], s["wall_time_s"],
             s.get("step_ms_interleaved", s["step_ms"]),
             "-" if s["speedup_tokens"] is None else f"{s['speedup_tokens']:.2f}x",

@@ -157,8 +157,9 @@ def write_report(out_dir: str | Path) -> Path:
         ttb = s.get("tokens_to_baseline")
         rows.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in [
-                _esc(s.get("optimizer")), _fmt(s.get("best_lr")) + (
-                    "" if s.get("best_weight_decay") is None else f" (wd {_fmt(s.get('best_weight_decay'))})"),
+                _esc(s.get("optimizer")), _fmt(s.get("best_lr"))
+                + (" (edge of the sweep)" if s.get("lr_bracketed") is False else "")
+                + ("" if s.get("best_weight_decay") is None else f" (wd {_fmt(s.get('best_weight_decay'))})"),
                 _fmt(s.get("final_val_loss")) + spread,
                 _fmt(s.get("final_val_bpb")),
                 _fmt(s.get("tokens")), _fmt(round(ttb) if isinstance(ttb, (int, float)) else ttb),

@@ -113,3 +113,29 @@ def test_cli_scaling_with_bpe(tmp_path):
     res = json.loads((tmp_path / "s" / "scaling.json").read_text())
     assert [r["model"] for r in res["sizes"]] == ["tiny", "mini"] and res["config"]["tokenizer"] == "bpe:300"
     assert "token speed-up" in proc.stdout
+
+
+def test_scaling_widens_the_grid_until_both_optima_are_inside(tmp_path, monkeypatch):
+    """The baseline's optimum inside but the optimizer's (full budget) at the low end: the grid gets
+    one more point below, shared by both, and the study stops once both are inside."""
+    from muonlab.lab import scaling as scaling_mod
+
+    calls: list[tuple[float, ...]] = []
+
+    def fake_efficiency(optimizer, baseline, *, lr_multipliers, out, **kw):
+        calls.append(tuple(lr_multipliers))
+        lrs = [0.02 * m for m in lr_multipliers]
+        base_sweep = {lr: (lr - 0.02) ** 2 for lr in lrs}  # best at the default: inside
+        best_opt = 0.005  # the optimizer wants 0.25x: at the low end until the grid reaches 0.125x
+        opt_sweep = {lr: (lr - best_opt) ** 2 for lr in lrs}
+        full = {"fraction": 1.0, "best_lr": min(opt_sweep, key=opt_sweep.get), "sweep": opt_sweep}
+        return {"baseline_result": {"sweep": base_sweep, "best_lr": 0.02, "final_val_loss": 2.0, "tokens": 100},
+                "points": [full], "token_speedup": 1.5, "time_speedup": 1.4, "per_seed_token_ratio": {0: 0.67}}
+
+    monkeypatch.setattr(scaling_mod, "efficiency", fake_efficiency)
+    res = scaling(["tiny"], base=TrainConfig(max_corpus_bytes=100000), tokens_per_param=0.001, min_steps=2,
+                  seeds_ends=(0,), out=tmp_path / "s", progress=False, log=lambda s: None)
+    assert calls == [(0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0), (0.125, 0.25, 0.5, 1.0, 2.0)]
+    row = res["sizes"][0]
+    assert row["baseline_lr_bracketed"] and row["optimizer_lr_bracketed"]
+    assert row["optimizer_best_lr_full_budget"] == pytest.approx(0.005)

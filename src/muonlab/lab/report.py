@@ -248,7 +248,8 @@ def write_scaling_report(out_dir: str | Path) -> Path:
         lr = _fmt(r.get("baseline_lr")) + ("" if r.get("baseline_lr_bracketed") else " (edge of the sweep)")
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in [
             _esc(r.get("model")), _fmt(r.get("non_embedding_params")), _fmt(r.get("params")), _fmt(r.get("steps")),
-            _fmt(r.get("tokens")), lr, _fmt(r.get("baseline_val_loss")), _fmt(r.get("optimizer_best_lr_full_budget")),
+            _fmt(r.get("tokens")), lr, _fmt(r.get("baseline_val_loss")), _fmt(r.get("optimizer_best_lr_full_budget"))
+            + (" (edge of the sweep)" if r.get("optimizer_lr_bracketed") is False else ""),
             _fmt(r.get("token_speedup"), "x") if r.get("token_speedup") is not None else "not reached",
             _fmt(r.get("time_speedup"), "x") if r.get("time_speedup") is not None else "—",
             _esc(", ".join(str(s) for s in r.get("seeds") or [])),

@@ -3,10 +3,10 @@
 For each model size, :func:`scaling` runs the sample-efficiency measurement of
 :func:`muonlab.lab.compare.efficiency` (the baseline at N steps, the optimizer in separate, fully
 decayed runs at fractions of N, both with a learning-rate sweep) with a token budget proportional
-to the model's non-embedding parameters. The baseline's sweep must bracket its optimum: when the
-best learning rate is at an end of the grid, the grid is extended on that side (and the runs
-already done are reused) until it is inside, or the extension limit is reached (then the result
-says so). Two seeds at the smallest and the largest size, one in between (``seeds_ends`` /
+to the model's non-embedding parameters. The sweeps must bracket their optima (the baseline's, and
+the optimizer's at the full budget): when a best learning rate is at an end of the grid, the grid
+is extended on that side (and the runs already done are reused) until it is inside, or the
+extension limit is reached (then the result says so). Two seeds at the smallest and the largest size, one in between (``seeds_ends`` /
 ``seeds_middle``).
 
 Every run is cached on disk under ``OUT/<size>/runs/...``, so an interrupted study resumes where it
@@ -36,7 +36,7 @@ PUBLISHED_TREND = ((0.1e9, 1.4), (1.2e9, 1.1))
 DEFAULT_SIZES = ("micro", "tiny", "mini", "small")
 MAX_EXTENSIONS = 2
 COLUMNS = ["model", "params", "non_embedding_params", "steps", "tokens", "baseline_lr", "baseline_lr_bracketed",
-           "baseline_val_loss", "optimizer_best_lr_full_budget", "token_speedup", "time_speedup",
+           "baseline_val_loss", "optimizer_best_lr_full_budget", "optimizer_lr_bracketed", "token_speedup", "time_speedup",
            "per_seed_token_ratio", "seeds", "train_time_s", "elapsed_s"]
 
 
@@ -119,19 +119,28 @@ def _scaling(sizes: list[str], optimizer: str, baseline: str, base: TrainConfig,
             res = efficiency(optimizer, baseline, base=cfg, fractions=fractions, sweep=sweep,
                              lr_multipliers=multipliers, seeds=seeds, out=out_dir / size, progress=progress,
                              log=log)
+            full = next((p for p in res["points"] if abs(p["fraction"] - 1.0) < 1e-9), res["points"][-1])
+            # both optima inside their grids: the baseline's and the optimizer's at the full budget
             inside, side = bracketed(res["baseline_result"]["sweep"]) if sweep else (True, 0)
-            if inside or extension == MAX_EXTENSIONS:
+            opt_inside, opt_side = bracketed(full["sweep"]) if sweep else (True, 0)
+            if (inside and opt_inside) or extension == MAX_EXTENSIONS:
                 break
-            multipliers = ((min(multipliers) / 2,) + multipliers) if side < 0 else (multipliers + (max(multipliers) * 2,))
-            log(f"  {baseline}'s best lr is at the {'low' if side < 0 else 'high'} end of its sweep: trying "
-                f"{[round(m, 3) for m in multipliers]} x its default")
-        full = next((p for p in res["points"] if abs(p["fraction"] - 1.0) < 1e-9), res["points"][-1])
+            for who, ok, sd in ((baseline, inside, side), (optimizer, opt_inside, opt_side)):
+                if ok:
+                    continue
+                if sd < 0 and min(multipliers) / 2 not in multipliers:
+                    multipliers = (min(multipliers) / 2,) + multipliers
+                elif sd > 0 and max(multipliers) * 2 not in multipliers:
+                    multipliers = multipliers + (max(multipliers) * 2,)
+                log(f"  {who}'s best lr is at the {'low' if sd < 0 else 'high'} end of its sweep: trying "
+                    f"{[round(m, 3) for m in multipliers]} x each default")
         train_time = _train_time(out_dir / size / "runs")
         rows.append({
             "model": size, "params": counts[size][0], "non_embedding_params": counts[size][1], "steps": steps,
             "tokens": res["baseline_result"]["tokens"], "baseline_lr": res["baseline_result"]["best_lr"],
             "baseline_lr_bracketed": inside, "baseline_val_loss": res["baseline_result"]["final_val_loss"],
-            "optimizer_best_lr_full_budget": full["best_lr"], "token_speedup": res["token_speedup"],
+            "optimizer_best_lr_full_budget": full["best_lr"], "optimizer_lr_bracketed": opt_inside,
+            "token_speedup": res["token_speedup"],
             "time_speedup": res["time_speedup"], "per_seed_token_ratio": res["per_seed_token_ratio"],
             "seeds": list(seeds), "train_time_s": train_time, "elapsed_s": time.perf_counter() - t0,
         })

@@ -256,3 +256,14 @@ def test_compare_extends_a_sweep_whose_best_lr_is_at_an_end(tmp_path):
             assert lr in (min(grid) / 2, max(grid) * 2), (lr, grid)
             grid.append(lr)
     assert any(line.startswith("muonlab compare: best lr at an end of the sweep") for line in lines) == bool(extended)
+
+
+def test_weight_decay_flag_reaches_the_run_config(monkeypatch, capsys, tmp_path):
+    from muonlab.lab import train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg, out, **kw: calls.append(cfg) or {})
+    assert main(["train", "--weight-decay", "0.1", "--out", str(tmp_path / "r")]) == 0
+    assert calls[0].weight_decay == 0.1
+    assert main(["train", "--weight-decay", "-1", "--out", str(tmp_path / "s")]) == 2
+    assert "muonlab train: error: weight_decay must be a number >= 0, got -1.0" in capsys.readouterr().err

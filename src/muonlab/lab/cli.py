@@ -39,6 +39,9 @@ def _add_train_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                    help="bytes (vocabulary 256) or bpe:N, a byte-level BPE of N tokens (257..65536) trained on the "
                         "training split with Hugging Face tokenizers and cached beside the corpus; losses are also "
                         "reported in bits per byte [bytes]")
+    p.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                   help="weight decay of every parameter, as each optimizer's own weight_decay (decoupled in AdamW, "
+                        "Lion and the Muon family) [the zoo's: 0]")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -127,7 +130,7 @@ def _base_config(args: argparse.Namespace, default_steps: int) -> Any:
         model=args.model, steps=default_steps if args.steps is None else args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, grad_accum=args.grad_accum, schedule=args.schedule, warmup=args.warmup,
         eval_batches=args.eval_batches, data=args.data, max_corpus_bytes=args.max_corpus_bytes, device=args.device,
-        tensorboard=args.tensorboard, tokenizer=tokenizer,
+        tensorboard=args.tensorboard, tokenizer=tokenizer, weight_decay=args.weight_decay,
     )
     if args.tokens is not None:
         cfg.steps = steps_for_tokens(args.tokens, cfg, cfg.seq_len or GPTConfig.from_name(cfg.model).seq_len)

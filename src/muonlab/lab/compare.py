@@ -160,7 +160,8 @@ def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_
         f"({base.steps * base.batch_size * seq_len * base.grad_accum:,} tokens each) -> {out_dir}")
     def run_plan(plan: list[tuple[str, float, int, Optional[float]]], stage: str) -> None:
         for i, (name, lr, seed, wd) in enumerate(plan, 1):
-            cfg = replace(base, optimizer=name, lr=lr, seed=seed, weight_decay=wd)
+            # wd None: the lr sweep, at the base config's weight decay
+            cfg = replace(base, optimizer=name, lr=lr, seed=seed, weight_decay=base.weight_decay if wd is None else wd)
             run_dir = out_dir / "runs" / _run_name(name, lr, seed, wd)
             log(f"[{stage}{i}/{len(plan)}] {name} lr={lr:.3g}" + ("" if wd is None else f" weight_decay={wd:g}")
                 + f" seed={seed}")

@@ -98,7 +98,7 @@ def test_demo_configs_differ_only_in_qk_clip():
     (["--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--steps", "3", "--probes", "4"], "--probes must be between 0 and --steps (3), got 4"),
     (["--seq-len", "999"], "--seq-len 999 exceeds the tiny model's context length 128"),
-    (["--model", "huge"], "unknown model size 'huge'; valid names: tiny, "),
+    (["--model", "huge"], "unknown model size 'huge'; valid names: micro, tiny, "),
     (["--optimizer", "nope"], "unknown optimizer 'nope'"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):

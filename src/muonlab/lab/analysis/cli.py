@@ -175,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_paths)
 
     p = sub.add_parser("memory", help="optimizer-state bytes of every zoo optimizer for a lab model")
-    p.add_argument("--model", default="tiny", help="model size name (tiny, small, medium) [tiny]")
+    p.add_argument("--model", default="tiny", help="model size name (micro, tiny, mini, small, medium, gpt2-small) [tiny]")
     p.add_argument("--optimizers", default="all", help="comma-separated zoo names [all]")
     p.add_argument("--batch-size", type=int, default=2, help="batch for the one measured step [2]")
     p.add_argument("--seq-len", type=int, default=32, help="sequence length for that step [32]")

@@ -198,6 +198,7 @@ class Muon(Optimizer):
         if batch_max_elements is not None and (isinstance(batch_max_elements, bool) or batch_max_elements < 1):
             raise ValueError(f"batch_max_elements must be a positive int or None, got {batch_max_elements!r}")
         self.batch_max_elements = batch_max_elements
+        self._threads = torch.get_num_threads()  # intra-op threads, for the CPU stack limit (_batch_limit)
         self.foreach = True if foreach is None else foreach
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
@@ -831,7 +832,13 @@ class Muon(Optimizer):
             return self.batch_max_elements
         # a bf16 matmul of side <= ~1k runs on one thread, a stacked batch on all of them: stack
         # about one 2**20-element matrix per intra-op thread
-        return 2**28 if device.type == "cuda" else 2**20 * max(1, _intra_op_threads())
+        if device.type == "cuda":
+            return 2**28
+        # read in eager steps only: under torch.compile the last eager value is a constant of the traced
+        # step (torch.get_num_threads() returns an int, which would break the graph)
+        if not torch.compiler.is_compiling() or not hasattr(self, "_threads"):
+            self._threads = torch.get_num_threads()
+        return 2**20 * max(1, self._threads)
 
     def _rounding_generator(self, p: Tensor, buf: Tensor) -> Optional[torch.Generator]:
         """The random bits for stochastically rounding ``p``'s new state into bf16 (None for other
@@ -937,13 +944,6 @@ class Muon(Optimizer):
 _STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 _STATE_DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
                         "fp64": "fp64", "float64": "fp64"}
-
-
-@torch._dynamo.assume_constant_result
-def _intra_op_threads() -> int:
-    """torch.get_num_threads(), read by torch.compile as a constant of the traced step (an int-returning
-    torch call would otherwise break the graph)."""
-    return torch.get_num_threads()
 
 
 def _state_dtype_name(value: Any, where: str) -> Optional[str]:

@@ -21,6 +21,15 @@ pytest.importorskip("pytorch_optimizer")
 SMALL = dict(d_model=32, n_layer=1, n_head=4, n_kv_head=2, seq_len=32)
 
 
+def _lab(root, **overrides) -> TrainConfig:
+    """A small text corpus in ``root`` (cached there) and a CPU TrainConfig of the small lab GPT on it."""
+    text = "".join(f"class C{i}:\n    def m(self, y):\n        return y + {i}\n\n" for i in range(3000))
+    (root / "data.py").write_text(text)
+    load_corpus(root / "data.py", cache_dir=root / "cache")
+    return TrainConfig(**{**dict(model="tiny", model_overrides=SMALL, batch_size=2, eval_batches=1, warmup=1,
+                                 device="cpu", data=str(root / "data.py")), **overrides})
+
+
 def _model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig.from_name("tiny", vocab_size=64, **SMALL))
@@ -128,9 +137,8 @@ def test_muonclip_clips_the_right_heads_under_grouped_query_attention():
 
 
 def test_muonclip_trains_in_the_lab_and_gets_logits(tmp_path, monkeypatch):
-    text = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(2000))
-    (tmp_path / "d.py").write_text(text)
-    corpus = load_corpus(tmp_path / "d.py", cache_dir=tmp_path / "cache")
+    cfg = _lab(tmp_path, optimizer="muonclip", steps=3, eval_every=3, checkpoint_every=3)
+    corpus = load_corpus(tmp_path / "data.py", cache_dir=tmp_path / "cache")
     seen = []
     from muonlab.lab import zoo
 
@@ -143,8 +151,6 @@ def test_muonclip_trains_in_the_lab_and_gets_logits(tmp_path, monkeypatch):
         return opt
 
     monkeypatch.setattr(zoo.ZOO["muonclip"], "build", spy)
-    cfg = TrainConfig(model="tiny", model_overrides=SMALL, optimizer="muonclip", steps=3, batch_size=2,
-                      eval_every=3, eval_batches=1, checkpoint_every=3, device="cpu", data=str(tmp_path / "d.py"))
     res = train(cfg, tmp_path / "run", progress=False, corpus=corpus)
     assert math.isfinite(res["final_val_loss"])
     assert seen == [["blocks.0.attn"]] * 3
@@ -153,11 +159,7 @@ def test_muonclip_trains_in_the_lab_and_gets_logits(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def wd_compare(tmp_path_factory):
     root = tmp_path_factory.mktemp("wd")
-    text = "".join(f"class C{i}:\n    def m(self, y):\n        return y + {i}\n\n" for i in range(3000))
-    (root / "data.py").write_text(text)
-    load_corpus(root / "data.py", cache_dir=root / "cache")
-    base = TrainConfig(model="tiny", model_overrides=SMALL, steps=8, batch_size=4, eval_every=4, eval_batches=2,
-                       checkpoint_every=8, warmup=1, device="cpu", data=str(root / "data.py"))
+    base = _lab(root, steps=8, batch_size=4, eval_every=4, eval_batches=2, checkpoint_every=8)
     out = root / "out"
     lines: list[str] = []
     summary = compare(["muon", "sgd", "adamw"], base=base, sweep=True, lr_multipliers=(0.5, 1.0), seeds=(0,),
@@ -194,11 +196,7 @@ def test_weight_decay_flags_are_checked(capsys, tmp_path):
 
 
 def test_efficiency_says_when_a_best_lr_sits_at_the_end_of_its_sweep(tmp_path):
-    text = "".join(f"def g{i}(a):\n    return a - {i}\n\n" for i in range(2000))
-    (tmp_path / "d.py").write_text(text)
-    load_corpus(tmp_path / "d.py", cache_dir=tmp_path / "cache")
-    base = TrainConfig(model="tiny", model_overrides=SMALL, steps=6, batch_size=2, eval_batches=1, warmup=1,
-                       device="cpu", data=str(tmp_path / "d.py"))
+    base = _lab(tmp_path, steps=6)
     from muonlab.lab.compare import bracketed, efficiency
 
     lines: list[str] = []
@@ -235,11 +233,7 @@ def test_compare_extends_a_sweep_whose_best_lr_is_at_an_end(tmp_path):
     (x2 or /2, up to MAX_LR_EXTENSIONS times); the summary says whether each optimum is inside."""
     from muonlab.lab.compare import MAX_LR_EXTENSIONS, bracketed
 
-    text = "".join(f"def h{i}(b):\n    return b * {i}\n\n" for i in range(2000))
-    (tmp_path / "d.py").write_text(text)
-    load_corpus(tmp_path / "d.py", cache_dir=tmp_path / "cache")
-    base = TrainConfig(model="tiny", model_overrides=SMALL, steps=6, batch_size=2, eval_every=3, eval_batches=1,
-                       checkpoint_every=6, warmup=1, device="cpu", data=str(tmp_path / "d.py"))
+    base = _lab(tmp_path, steps=6, eval_every=3, checkpoint_every=6)
     lines: list[str] = []
     # sgd at 1e-4..4e-4 times its default barely moves: its best is the top of the grid, every time
     summary = compare(["sgd", "adamw"], base=base, sweep=True, lr_multipliers=(0.5, 1.0, 2.0), seeds=(0,),

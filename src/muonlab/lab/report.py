@@ -208,20 +208,8 @@ runs' wall clocks are in summary.json as <code>speedup_time_wallclock</code>.</p
 <div class="plots">
 {chr(10).join(figs)}
 </div>
-<h2>Configuration and environment</h2>
-<pre id="config">{_esc(cfg)}</pre>
-<script>
-// lets a headless browser test confirm every plot decoded and rendered
-window.addEventListener('load', () => {{
-  const imgs = Array.from(document.querySelectorAll('img.plot'));
-  document.body.dataset.plotsRendered = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-}});
-</script>
-</body></html>
-"""
-    path = out_dir / "report.html"
-    atomic_write_text(path, doc)
-    return path
+{_page_end(cfg)}"""
+    return _write_page(out_dir, doc)
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -283,7 +271,14 @@ two optimizers' training steps in one process. Published trend drawn for referen
 </tbody></table>
 <figure><img class="plot" alt="scaling" src="data:image/png;base64,{data}"><figcaption>speed-up against
 non-embedding parameters</figcaption></figure>
-<h2>Configuration and environment</h2>
+{_page_end(cfg)}"""
+    return _write_page(out_dir, doc)
+
+
+def _page_end(cfg: str) -> str:
+    """The configuration block, the script with which a headless-browser test confirms that every plot
+    decoded and rendered, and the end of the page."""
+    return f"""<h2>Configuration and environment</h2>
 <pre id="config">{_esc(cfg)}</pre>
 <script>
 window.addEventListener('load', () => {{
@@ -293,6 +288,9 @@ window.addEventListener('load', () => {{
 </script>
 </body></html>
 """
+
+
+def _write_page(out_dir: Path, doc: str) -> Path:
     path = out_dir / "report.html"
     atomic_write_text(path, doc)
     return path

@@ -204,9 +204,10 @@ def test_efficiency_says_when_a_best_lr_sits_at_the_end_of_its_sweep(tmp_path):
                      out=tmp_path / "e", progress=False, log=lines.append)
     assert res["lr_multipliers"] == [0.5, 1.0, 2.0]
     full = res["points"][-1]
+    assert res["optimizer_full_budget_lr"] == full["best_lr"]
     for key, swept, name in (("baseline_lr_bracketed", res["baseline_result"], "adamw"),
                              ("optimizer_lr_bracketed", full, "muon")):
-        assert res[key] == bracketed(swept["sweep"])[0]
+        assert (res[key], res[key.replace("bracketed", "edge")]) == bracketed(swept["sweep"])
         warned = [ln for ln in lines if ln.startswith(f"  warning: {name}'s best lr")]
         assert bool(warned) == (not res[key]), (key, lines)
     # a one-point "sweep" brackets nothing: both are flagged

@@ -10,7 +10,8 @@ import pytest
 
 from muonlab.cli import main
 
-from muonlab.lab.scaling import bracketed, parameter_counts, scaling, steps_for
+from muonlab.lab.compare import bracketed
+from muonlab.lab.scaling import parameter_counts, scaling, steps_for
 from muonlab.lab.train import TrainConfig
 
 
@@ -129,8 +130,11 @@ def test_scaling_widens_the_grid_until_both_optima_are_inside(tmp_path, monkeypa
         best_opt = 0.005  # the optimizer wants 0.25x: at the low end until the grid reaches 0.125x
         opt_sweep = {lr: (lr - best_opt) ** 2 for lr in lrs}
         full = {"fraction": 1.0, "best_lr": min(opt_sweep, key=opt_sweep.get), "sweep": opt_sweep}
+        (b_in, b_edge), (o_in, o_edge) = bracketed(base_sweep), bracketed(opt_sweep)  # as efficiency reports them
         return {"baseline_result": {"sweep": base_sweep, "best_lr": 0.02, "final_val_loss": 2.0, "tokens": 100},
-                "points": [full], "token_speedup": 1.5, "time_speedup": 1.4, "per_seed_token_ratio": {0: 0.67}}
+                "points": [full], "token_speedup": 1.5, "time_speedup": 1.4, "per_seed_token_ratio": {0: 0.67},
+                "baseline_lr_bracketed": b_in, "baseline_lr_edge": b_edge, "optimizer_lr_bracketed": o_in,
+                "optimizer_lr_edge": o_edge, "optimizer_full_budget_lr": full["best_lr"]}
 
     monkeypatch.setattr(scaling_mod, "efficiency", fake_efficiency)
     res = scaling(["tiny"], base=TrainConfig(max_corpus_bytes=100000), tokens_per_param=0.001, min_steps=2,

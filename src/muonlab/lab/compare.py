@@ -30,7 +30,7 @@ from .train import (
     read_metrics,
     train,
 )
-from .zoo import get_entry, parse_optimizer_list
+from .zoo import check_weight_decay, get_entry, parse_optimizer_list
 
 SWEEP_MULTIPLIERS = (0.5, 1.0, 2.0)  # around each entry's per-size default learning rate
 MAX_LR_EXTENSIONS = 2  # compare --sweep: points added beyond an end of the grid where the best lr sits
@@ -122,8 +122,7 @@ def compare(
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     weight_decays = tuple(weight_decays)
     for wd in weight_decays:
-        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 <= wd < math.inf:
-            raise ValueError(f"weight decays must be numbers >= 0, got {wd!r}")
+        check_weight_decay(wd, "weight decays: ")
     if len(set(weight_decays)) != len(weight_decays):
         raise ValueError(f"weight decays must be distinct, got {list(weight_decays)}")
     if isinstance(wd_top, bool) or not isinstance(wd_top, int) or wd_top < 1:
@@ -463,9 +462,11 @@ def _efficiency(optimizer: str, baseline: str, base: TrainConfig, fractions: tup
     }
     # is each best lr inside its grid? (the baseline's, and the optimizer's at the full budget)
     full = min(points, key=lambda p: abs(p["fraction"] - 1.0))
+    result["optimizer_full_budget_lr"] = full["best_lr"]
     for who, swept in (("baseline", ref), ("optimizer", full)):
         inside, side = bracketed(swept["sweep"]) if sweep else (True, 0)
         result[f"{who}_lr_bracketed"] = inside
+        result[f"{who}_lr_edge"] = side  # -1: at the low end of the grid, +1: at the high end, 0: inside
         if not inside:
             name = baseline if who == "baseline" else optimizer
             log(f"  warning: {name}'s best lr {swept['best_lr']:.3g} is at the {'low' if side < 0 else 'high'} end of "

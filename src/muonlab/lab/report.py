@@ -221,7 +221,7 @@ pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}"""
 
 def write_scaling_report(out_dir: str | Path) -> Path:
     """``report.html`` of a ``muonlab scaling`` folder, drawn from ``scaling.json`` alone: the speed-up
-    against parameters (the plot redrawn), one row per size, and each size's efficiency points."""
+    against parameters (the plot redrawn) and one row per size."""
     from .scaling import plot_scaling
 
     out_dir = Path(out_dir)

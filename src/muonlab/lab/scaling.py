@@ -26,7 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .compare import DEFAULT_FRACTIONS, SWEEP_MULTIPLIERS, bracketed, efficiency
+from .compare import DEFAULT_FRACTIONS, SWEEP_MULTIPLIERS, efficiency
 from .train import RunFolder, TrainConfig, atomic_write_bytes, atomic_write_text, environment, read_json
 
 # Wen, Hall, Ma & Liang 2025, "Fantastic Pretraining Optimizers and Where to Find Them" (arXiv
@@ -119,10 +119,9 @@ def _scaling(sizes: list[str], optimizer: str, baseline: str, base: TrainConfig,
             res = efficiency(optimizer, baseline, base=cfg, fractions=fractions, sweep=sweep,
                              lr_multipliers=multipliers, seeds=seeds, out=out_dir / size, progress=progress,
                              log=log)
-            full = next((p for p in res["points"] if abs(p["fraction"] - 1.0) < 1e-9), res["points"][-1])
             # both optima inside their grids: the baseline's and the optimizer's at the full budget
-            inside, side = bracketed(res["baseline_result"]["sweep"]) if sweep else (True, 0)
-            opt_inside, opt_side = bracketed(full["sweep"]) if sweep else (True, 0)
+            inside, side = res["baseline_lr_bracketed"], res["baseline_lr_edge"]
+            opt_inside, opt_side = res["optimizer_lr_bracketed"], res["optimizer_lr_edge"]
             if (inside and opt_inside) or extension == MAX_EXTENSIONS:
                 break
             for who, ok, sd in ((baseline, inside, side), (optimizer, opt_inside, opt_side)):
@@ -139,7 +138,7 @@ def _scaling(sizes: list[str], optimizer: str, baseline: str, base: TrainConfig,
             "model": size, "params": counts[size][0], "non_embedding_params": counts[size][1], "steps": steps,
             "tokens": res["baseline_result"]["tokens"], "baseline_lr": res["baseline_result"]["best_lr"],
             "baseline_lr_bracketed": inside, "baseline_val_loss": res["baseline_result"]["final_val_loss"],
-            "optimizer_best_lr_full_budget": full["best_lr"], "optimizer_lr_bracketed": opt_inside,
+            "optimizer_best_lr_full_budget": res["optimizer_full_budget_lr"], "optimizer_lr_bracketed": opt_inside,
             "token_speedup": res["token_speedup"],
             "time_speedup": res["time_speedup"], "per_seed_token_ratio": res["per_seed_token_ratio"],
             "seeds": list(seeds), "train_time_s": train_time, "elapsed_s": time.perf_counter() - t0,

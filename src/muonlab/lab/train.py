@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - Windows
 from .data import DEFAULT_TOKENIZER, Corpus, bits_per_byte, canonical_tokenizer, load_corpus, parse_tokenizer
 from ..qkclip import QKClip
 from .model import GPT, GPTConfig
-from .zoo import build_optimizer, get_entry
+from .zoo import build_optimizer, check_weight_decay, get_entry
 
 SCHEDULES = ("cosine", "wsd", "constant")
 CHECKPOINT = "checkpoint.pt"
@@ -132,10 +132,8 @@ class TrainConfig:
         if self.qk_clip is not None and (isinstance(self.qk_clip, bool) or not isinstance(self.qk_clip, (int, float))
                                          or not self.qk_clip > 0):
             raise ValueError(f"qk_clip must be a positive number (inf: log the max logit, never clip), got {self.qk_clip!r}")
-        if self.weight_decay is not None and (isinstance(self.weight_decay, bool)
-                                              or not isinstance(self.weight_decay, (int, float))
-                                              or not 0 <= self.weight_decay < math.inf):
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.weight_decay is not None:
+            check_weight_decay(self.weight_decay)
 
     def key(self) -> str:
         """A short hash of the config: runs are cached per configuration."""

@@ -330,10 +330,16 @@ def build_optimizer(
         raise ValueError(f"optimizer {name}: learning rate must be > 0, got {lr}")
     adamw_lr = ADAMW_LR.get(size, ADAMW_LR["*"]) if adamw_lr is None else adamw_lr
     if weight_decay is not None:
-        if isinstance(weight_decay, bool) or not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
-            raise ValueError(f"optimizer {name}: weight_decay must be a number >= 0, got {weight_decay!r}")
-        extra["weight_decay"] = float(weight_decay)
+        extra["weight_decay"] = check_weight_decay(weight_decay, f"optimizer {name}: ")
     return entry.build(model, lr, adamw_lr, dict(extra))
+
+
+def check_weight_decay(value: Any, where: str = "") -> float:
+    """``value`` as a float if it is a finite number >= 0; else a ValueError naming it (``where`` prefixes
+    the message)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{where}weight_decay must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def parse_optimizer_list(text: str | Iterable[str]) -> list[str]:

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from . import distributed as _dist
 from .coefficients import resolve_schedule
-from .orthogonalize import METHODS, method_flops, orthogonalize, resolve_dtype
+from .orthogonalize import METHODS, method_flops, orthogonalize_raw, resolve_dtype
 from .routing import ParamGroups, RouteRow, RoutingReport, describe_matrices, muon_param_groups
 from .updates import (
     ADJUST_LR_MODES,
@@ -32,7 +32,7 @@ from .updates import (
     apply_weight_decay_,
     fused_adamw_available,
     momentum_direction,
-    normuon_normalize,
+    normuon_row_scale,
     rms_step_,
     stochastic_round_,
 )
@@ -562,12 +562,22 @@ class Muon(Optimizer):
                 limits.append(_grad_limit(_state_dtype(group, p)))
         bad: list[str] = []
         if self.nonfinite != "propagate" and grads:
-            # one reduction per gradient and one host sync for all of them; NaN compares False
             # max |g| as max(amax, -amin): about 4x cheaper than an inf-norm on CPU; NaN propagates
-            amax = [torch.maximum(g.amax(), -g.amin()) for g in grads]
-            flags = torch.stack([a.float() <= lim for a, lim in zip(amax, limits)])
-            if not bool(flags.all()):
-                bad = [_describe_bad(n, g, a, lim) for n, g, a, lim, ok in zip(names, grads, amax, limits, flags.tolist()) if not ok]
+            # and compares False. Two reductions per gradient, then one comparison per (dtype, limit)
+            # and one host sync for all of them.
+            kinds: dict[tuple, list[int]] = defaultdict(list)
+            for i, (g, lim) in enumerate(zip(grads, limits)):
+                kinds[(g.dtype, g.device, lim)].append(i)
+            checked = []  # (gradient indices, their max |g| in fp32 or fp64, limit)
+            for (_, _, lim), idx in kinds.items():
+                hi = torch.stack([grads[i].amax() for i in idx])
+                lo = torch.stack([grads[i].amin() for i in idx])
+                # compared in fp32 (fp64 where the limit is beyond fp32): an inf in fp16 must not pass
+                checked.append((idx, torch.maximum(hi, -lo).to(torch.float64 if lim > _FP32_MAX else torch.float32), lim))
+            flags = [(a <= lim).to(grads[0].device) for _, a, lim in checked]
+            if not bool((torch.cat(flags) if len(flags) > 1 else flags[0]).all()):  # name each offending one
+                found = sorted((i, a[j], lim) for idx, a, lim in checked for j, i in enumerate(idx) if not bool(a[j] <= lim))
+                bad = [_describe_bad(names[i], grads[i], v, lim) for i, v, lim in found]
         if pg is not None:  # distributed: agree on finiteness and Muon participation
             muon_params = [p for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]]
             agreed = _dist.agree([not bad] + [p.grad is not None for p in muon_params], pg)
@@ -605,10 +615,10 @@ class Muon(Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p),
                                                             memory_format=torch.contiguous_format)
                 state["step"] = torch.tensor(0.0)
-            state["step"] += 1
             items.append((name, p, state["momentum_buffer"], view))
         if not items:
             return []
+        torch._foreach_add_([self.state[p]["step"] for _, p, _, _ in items], 1)
         clip = group["clip_momentum_norm"]
         widen = any(not (p.dtype == buf.dtype == _compute_dtype(p, buf)) for _, p, buf, _ in items)
         dirs: list[Tensor] = []
@@ -639,35 +649,45 @@ class Muon(Optimizer):
             if _dist.is_dtensor(p):
                 raise ValueError(f"parameter {name} with shape {tuple(p.shape)} is a DTensor but Muon runs without a "
                                  "process group (process_group=False); sharded parameters need the distributed step")
-        # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype)
-        # the update in the direction's (compute) dtype: a low-precision parameter is rounded once, at the end
-        updates = [torch.empty(d.shape, dtype=d.dtype, device=d.device) for _, _, p, d, _ in pending]
-        buckets: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-        for (group, name, p, d, view), upd in zip(pending, updates):
+        # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype).
+        # A plain fp32/fp64 parameter (no NorMuon, statistics or cautious decay) is decayed now and takes
+        # its update straight from the orthogonalized stack: θ <- θ - lr·scale·O in one pass. Any other
+        # gets an update buffer in the direction's (compute) dtype, finished per parameter in step 3
+        # (a low-precision parameter is rounded once, at the end).
+        updates: list[Optional[Tensor]] = []
+        buckets: dict[tuple, list[tuple[Tensor, Any]]] = defaultdict(list)
+        for group, name, p, d, view in pending:
+            direct = (p.dtype in (torch.float32, torch.float64) and not self.track_stats
+                      and not group["cautious_weight_decay"])
+            if direct:
+                apply_weight_decay_(p, d, group["lr"], group["weight_decay"], False)
+                dsts = [_AddInto(b, _step_factor(group["lr"], adjust_lr_scale(b.shape[-2], b.shape[-1], group["adjust_lr_fn"])))
+                        for b in blocks(p, view)]
+                if group["normuon"]:  # each block's rows of normuon_v, in the order of blocks()
+                    for dst, v in zip(dsts, self._normuon_rows(p, [dst.target for dst in dsts])):
+                        dst.normuon = (v, group["normuon_beta2"])
+                updates.append(None)
+            else:
+                upd = torch.empty(d.shape, dtype=d.dtype, device=d.device)
+                dsts = blocks(upd, view)
+                updates.append(upd)
             key_settings = _settings(group)
-            for src, dst in zip(blocks(d, view), blocks(upd, view)):
+            for src, dst in zip(blocks(d, view), dsts):
                 # tall blocks keep their own layout: orthogonalize iterates them natively (a transposed
                 # view would cost a transposing copy when stacked)
                 buckets[(tuple(src.shape[-2:]), key_settings, src.device, src.dtype)].append((src, dst))
         # 2. orthogonalize each bucket in stacked chunks (or one matrix at a time: the reference loop)
         for key, pairs in buckets.items():
             self._run_bucket(key, pairs)
-        # 3. per parameter: NorMuon, shape scale, weight decay, the step
+        # 3. the other parameters: NorMuon, shape scale, weight decay, the step
         for (group, name, p, _, view), upd in zip(pending, updates):
+            if upd is None:
+                continue
             lr = group["lr"]  # a tensor lr stays a tensor: no host sync
-            state = self.state[p]
             blks = blocks(upd, view)
             if group["normuon"]:
-                if "normuon_v" not in state:
-                    rows = sum(b.shape[0] * b.shape[1] for b in blks)
-                    state["normuon_v"] = torch.zeros(rows, dtype=torch.float32, device=p.device)
-                v_all = state["normuon_v"]
-                offset = 0
-                for b in blks:
-                    k, a = b.shape[0], b.shape[1]
-                    v = v_all[offset:offset + k * a].view(k, a)
-                    b.copy_(normuon_normalize(b.float(), v, group["normuon_beta2"]).to(b.dtype))
-                    offset += k * a
+                for b, v in zip(blks, self._normuon_rows(p, blks)):
+                    b.mul_(normuon_row_scale(b, v, group["normuon_beta2"]).unsqueeze(-1))
             if self.track_stats:
                 stats[name] = _ortho_stats(blks)
             for b in blks:
@@ -675,6 +695,20 @@ class Muon(Optimizer):
             _apply_update(p, upd, lr, group["weight_decay"], group["cautious_weight_decay"])
             if self.track_stats:
                 stats[name]["update_rms"] = float(upd.float().square().mean().sqrt()) * _scalar(lr)
+
+    def _normuon_rows(self, p: Tensor, blks: list[Tensor]) -> list[Tensor]:
+        """The (k, a) views of ``p``'s NorMuon second moments (``normuon_v``, one per row of each
+        logical matrix, blocks in order), created at zero on first use."""
+        state = self.state[p]
+        if "normuon_v" not in state:
+            rows = sum(b.shape[0] * b.shape[1] for b in blks)
+            state["normuon_v"] = torch.zeros(rows, dtype=torch.float32, device=p.device)
+        v_all, offset, out = state["normuon_v"], 0, []
+        for b in blks:
+            k, a = b.shape[0], b.shape[1]
+            out.append(v_all[offset:offset + k * a].view(k, a))
+            offset += k * a
+        return out
 
     def _muon_apply_sharded(self, pending: list[tuple[dict[str, Any], str, Tensor, Tensor, str]],
                             stats: dict[str, dict[str, float]], pg: Any) -> None:
@@ -720,7 +754,7 @@ class Muon(Optimizer):
                 if group["normuon"]:
                     v = self.state[p]["normuon_v"]
                     r0 = rows_of[(m.entry, m.index)]
-                    dst.copy_(normuon_normalize(dst.float()[None], v[r0:r0 + a].view(1, a), group["normuon_beta2"])[0])
+                    dst.mul_(normuon_row_scale(dst, v[r0:r0 + a].view(1, a), group["normuon_beta2"]).view(a, 1))
                 if self.track_stats:
                     st = _ortho_stats([dst[None]])
                     acc = owned_stats[m.entry]
@@ -801,24 +835,23 @@ class Muon(Optimizer):
     def _run_bucket(self, key: tuple, pairs: list[tuple[Tensor, Tensor]]) -> None:
         """Orthogonalize same-key (source, destination) block stacks in stacked chunks (or one matrix
         at a time: the reference loop), writing into the destinations."""
-        _, (method, coeffs, steps, dtype, eps), device, _ = key
+        _, (method, coeffs, steps, dtype, eps), device, src_dtype = key
+        schedule = resolve_schedule(coeffs, steps) if method in ("newton_schulz", "gram", "auto") else []
+        work_dtype = resolve_dtype(dtype, device, src_dtype)
+
+        def ortho(X: Tensor) -> Tensor:  # the result in the iteration dtype; _emit casts as it writes
+            if X.numel() == 0:
+                return X.clone()
+            return orthogonalize_raw(X, method, schedule, steps, work_dtype, eps, self.compile)
+
         chunks = _chunk_by_numel(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
         for chunk in chunks:
-            if self.batched and len(chunk) == 1:  # the cast and the copy into the destination in one pass
-                orthogonalize(chunk[0][0], method=method, coefficients=coeffs, steps=steps, dtype=dtype, eps=eps,
-                              nonfinite="propagate", compile=self.compile, out=chunk[0][1])
-                continue
             X = torch.cat([s for s, _ in chunk]) if len(chunk) > 1 else chunk[0][0]
-            if self.batched:
-                O = orthogonalize(X, method=method, coefficients=coeffs, steps=steps,
-                                  dtype=dtype, eps=eps, nonfinite="propagate", compile=self.compile)
-            else:
-                O = torch.stack([orthogonalize(x, method=method, coefficients=coeffs, steps=steps, dtype=dtype,
-                                               eps=eps, nonfinite="propagate", compile=self.compile) for x in X.unbind(0)])
+            O = ortho(X) if self.batched else torch.stack([ortho(x) for x in X.unbind(0)])
             offset = 0
-            for _, dst in chunk:
-                k = dst.shape[0]
-                dst.copy_(O[offset:offset + k])
+            for src, dst in chunk:
+                k = src.shape[0]
+                _emit(dst, O[offset:offset + k])
                 offset += k
 
     def _batch_limit(self, device: torch.device) -> int:
@@ -1024,6 +1057,36 @@ def _rounding_seed(index: int, count: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+class _AddInto:
+    """A destination for an orthogonalized block: ``target <- target + factor·O`` (a parameter's own
+    block view), instead of a copy into an update buffer that is scaled and added later."""
+
+    __slots__ = ("target", "factor", "normuon")
+
+    def __init__(self, target: Tensor, factor: Union[float, Tensor]) -> None:
+        self.target, self.factor = target, factor
+        self.normuon: Optional[tuple[Tensor, float]] = None  # NorMuon: (the rows' v, beta2)
+
+
+def _step_factor(lr: Union[float, Tensor], scale: float) -> Union[float, Tensor]:
+    """-lr·scale: a float for a float lr; for a tensor lr a tensor (no host sync)."""
+    return lr * -scale
+
+
+def _emit(dst: Union[Tensor, _AddInto], O: Tensor) -> None:
+    """Write an orthogonalized stack where it goes, casting on the way (one pass)."""
+    if isinstance(dst, _AddInto):
+        if dst.normuon is not None:  # the row factors join the step's factor: still one pass over θ
+            v, beta2 = dst.normuon
+            dst.target.addcmul_(O, (normuon_row_scale(O, v, beta2) * dst.factor).unsqueeze(-1))
+        elif isinstance(dst.factor, Tensor):
+            dst.target.addcmul_(O, dst.factor)
+        else:
+            dst.target.add_(O, alpha=dst.factor)
+    else:
+        dst.copy_(O)
+
+
 def _apply_update(p: Tensor, upd: Tensor, lr: Union[float, Tensor], weight_decay: float, cautious: bool) -> None:
     """θ <- θ(1 − lr·λ) − lr·update in at least fp32; a low-precision θ is rounded once, at the end."""
     target = p if p.dtype in (torch.float32, torch.float64) else p.float()
@@ -1043,6 +1106,9 @@ def _wire_dtypes(p_dtype: torch.dtype, d_dtype: torch.dtype) -> tuple[torch.dtyp
     if p_dtype == torch.float16:
         return d_dtype, torch.float16
     return d_dtype, d_dtype
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _grad_limit(state_dtype: torch.dtype) -> float:

@@ -363,7 +363,11 @@ def _prescale(X: torch.Tensor, work_dtype: torch.dtype, eps: float) -> torch.Ten
     # laid out contiguously: a transposed (tall) input would otherwise keep its strides through the
     # elementwise ops, and every product of the iteration would copy its operands (measured: 45% of
     # the time of a 3072x768 bf16 orthogonalization on CPU)
-    return (X / torch.where(amax > 0, amax, torch.ones_like(amax))).to(work_dtype, memory_format=torch.contiguous_format)
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+    if torch.compiler.is_compiling():  # inductor fuses the division and the cast by itself
+        return (X / scale).to(work_dtype, memory_format=torch.contiguous_format)
+    # eagerly the division writes the narrow, contiguous result directly: one pass, no fp32 temporary
+    return torch.div(X, scale, out=torch.empty(X.shape, dtype=work_dtype, device=X.device))
 
 
 def _inverse_norm(A: torch.Tensor, eps: float) -> torch.Tensor:
@@ -622,7 +626,20 @@ def orthogonalize(
         return out.zero_() if out is not None else torch.zeros_like(G)
     if nonfinite == "raise":
         _check_finite(G, "G")
+    result = orthogonalize_raw(G, method, schedule, steps, work_dtype, eps, compile)
+    if out is not None:
+        return out.copy_(result)
+    return result.to(G.dtype)
 
+
+def orthogonalize_raw(
+    G: torch.Tensor, method: str, schedule: Sequence[Triple], steps: int, work_dtype: torch.dtype, eps: float,
+    compile: bool = False,
+) -> torch.Tensor:
+    """:func:`orthogonalize` without its checks and without the final cast: a non-empty G (already
+    validated), a resolved schedule and iteration dtype. The result has G's shape, in the iteration
+    dtype (fp32/fp64 for the SVD methods), contiguous or, for a transposed G, in G's transposed layout.
+    The optimizer calls this and casts while it writes the result where it goes (one pass, not two)."""
     m, n = G.shape[-2], G.shape[-1]
     if method == "auto":
         method = choose_method(m, n, len(schedule), work_dtype)  # type: ignore[assignment]
@@ -638,14 +655,12 @@ def orthogonalize(
         Xw = W.mT if tall else W  # the exact methods work on the short side, m <= n
         exact_dtype = torch.float64 if work_dtype == torch.float64 or G.dtype == torch.float64 else torch.float32
         Xw = normalize_frobenius(Xw.to(exact_dtype), eps=0.0)
-        bad = None
-        if nonfinite == "propagate":
-            # torch.linalg.svd raises on NaN/inf: decompose zeros there and return NaN for them
-            bad = ~torch.isfinite(Xw).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
-            Xw = torch.where(bad, torch.zeros_like(Xw), Xw)
+        # torch.linalg.svd raises on NaN/inf (possible under nonfinite="propagate"): decompose zeros
+        # there and return NaN for them
+        bad = ~torch.isfinite(Xw).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+        Xw = torch.where(bad, torch.zeros_like(Xw), Xw)
         result = _svd_polar(Xw) if method == "svd" else _svd_inv_sqrt(Xw)
-        if bad is not None:
-            result = torch.where(bad, torch.full_like(result, float("nan")), result)
+        result = torch.where(bad, torch.full_like(result, float("nan")), result)
         result = (result.mT if tall else result).contiguous()
     else:
         # normalise in at least fp32 (the scale step must not overflow), then iterate in work_dtype
@@ -654,7 +669,4 @@ def orthogonalize(
         result = _run_compiled(W, *args) if compile else _polynomial(W, *args)
 
     # result is W-shaped and contiguous; a flipped input gets the flipped (transposed) layout back
-    result = (result.mT if flip else result).reshape(G.shape)
-    if out is not None:
-        return out.copy_(result)
-    return result.to(G.dtype)
+    return (result.mT if flip else result).reshape(G.shape)

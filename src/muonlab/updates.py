@@ -85,6 +85,22 @@ def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float
     return out * scale
 
 
+def normuon_row_scale(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`normuon_normalize` as one factor per row: ``normuon_normalize(O, v, β2) == O * f[..., None]``
+    (up to rounding) with ``f`` of shape (k, a) in fp32 (fp64 for fp64 O), and ``v`` updated in place the same way.
+
+    Everything follows from the row sums of squares r_i = Σ_j O_ij²: v <- β2 v + (1-β2) r/b,
+    d = sqrt(v) + eps, ‖O‖² = Σ r_i, ‖O / d‖² = Σ r_i / d_i², so f_i = (‖O‖ / ‖O / d‖) / d_i. One
+    read of O instead of the reference's several full-size temporaries; the caller applies f in the
+    same pass that applies the update.
+    """
+    r = torch.linalg.vector_norm(O, dim=-1, dtype=torch.promote_types(O.dtype, torch.float32)).square()
+    v.lerp_((r / O.shape[-1]).to(v.dtype), 1 - beta2)
+    d = v.to(r.dtype).sqrt() + eps
+    scale = r.sum(-1, keepdim=True).sqrt() / ((r / d.square()).sum(-1, keepdim=True).sqrt() + 1e-30)
+    return scale / d
+
+
 def apply_weight_decay_(param: torch.Tensor, update: torch.Tensor, lr: Number, weight_decay: float, cautious: bool) -> None:
     """Decoupled weight decay θ <- θ − lr·λ·θ (Loshchilov & Hutter).
 

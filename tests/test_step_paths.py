@@ -1,0 +1,173 @@
+"""The Muon step's fused paths held to a plain reference (issue 12, "less work around the matmuls").
+
+A plain fp32/fp64 parameter takes its update straight from the orthogonalized stack
+(θ <- θ − lr·scale·f_row·O in one pass, NorMuon's row factors included); other parameters
+(low precision, cautious decay, ``track_stats``) go through an update buffer. Both must equal a
+step written out by hand from the layer-2 reference functions (float64 SVD for msign,
+``normuon_normalize`` for NorMuon), and each other. The gradient check groups gradients by dtype
+and limit; its verdicts must not change.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from muonlab import Muon, NonFiniteGradientError
+from muonlab.updates import adjust_lr_scale, normuon_normalize, normuon_row_scale
+from muonlab.views import blocks
+
+
+# ---------------------------------------------------------------------- NorMuon as row factors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_normuon_row_scale_equals_the_reference_normalization(dtype):
+    gen = torch.Generator().manual_seed(0)
+    O = (torch.randn(3, 6, 10, generator=gen) * torch.linspace(0.1, 4, 6)[:, None]).to(dtype)
+    O[2] = 0  # a zero matrix stays zero
+    v_ref = torch.rand(3, 6, generator=gen)
+    v_fused = v_ref.clone()
+    for _ in range(3):  # the running second moment evolves the same way
+        ref = normuon_normalize(O.float(), v_ref, 0.95)
+        got = (O.float() * normuon_row_scale(O, v_fused, 0.95).unsqueeze(-1)).float()
+        torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(v_fused, v_ref, rtol=2e-6, atol=0)
+    assert (got[2] == 0).all() and torch.isfinite(got).all()
+
+
+def test_normuon_row_scale_propagates_nan():
+    O = torch.randn(1, 4, 5)
+    O[0, 1, 2] = float("nan")
+    f = normuon_row_scale(O, torch.zeros(1, 4), 0.9)
+    assert torch.isnan(f).any()
+
+
+# ---------------------------------------------------------------------- the step against a hand-written one
+def _reference_step(params, grads, bufs, vs, views, *, lr, wd, normuon, beta2=0.95, mu=0.9, adjust="original"):
+    """One Muon step from the layer-2 references: EMA Nesterov momentum, msign by float64 SVD,
+    NorMuon by ``normuon_normalize``, the shape scale, decoupled decay, the step."""
+    for p, g, buf, v, view in zip(params, grads, bufs, vs, views):
+        buf.lerp_(g.double(), 1 - mu)
+        d = g.double().lerp(buf, mu)
+        upd = torch.empty_like(d)
+        off = 0
+        for src, dst in zip(blocks(d, view), blocks(upd, view)):
+            U, _, Vh = torch.linalg.svd(src, full_matrices=False)
+            O = U @ Vh
+            if normuon:
+                k, a = O.shape[0], O.shape[1]
+                O = normuon_normalize(O, v[off:off + k * a].view(k, a), beta2)
+                off += k * a
+            dst.copy_(O * adjust_lr_scale(O.shape[-2], O.shape[-1], adjust))
+        p.mul_(1 - lr * wd).sub_(lr * upd)
+
+
+SHAPES_VIEWS = [((12, 5), "matrix"), ((5, 12), "matrix"), ((16, 8), "heads:4"), ((8, 12), "T"),
+                ((3, 8, 4), "experts"), ((2, 6, 4), "experts:split:4,2")]
+
+
+def _pair(dtype, **kw):
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s, _ in SHAPES_VIEWS]
+    views = [v for _, v in SHAPES_VIEWS]
+    opts = []
+    for track in (False, True):  # track_stats=True takes the buffered path
+        ps = [nn.Parameter(w.to(dtype)) for w in init]
+        opts.append((ps, Muon([{"params": ps, "algorithm": "muon", "views": views}], ns_method="svd",
+                              momentum=0.9, track_stats=track, **kw)))
+    return init, views, opts
+
+
+@pytest.mark.parametrize("normuon", [False, True])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_fused_and_buffered_steps_equal_the_reference(normuon, wd, tensor_lr):
+    lr = 0.05
+    init, views, opts = _pair(torch.float32, lr=torch.tensor(lr) if tensor_lr else lr, weight_decay=wd, normuon=normuon)
+    ref = [w.clone() for w in init]
+    bufs = [torch.zeros_like(w) for w in init]
+    vs = [torch.zeros(sum(b.shape[0] * b.shape[1] for b in blocks(w, v)), dtype=torch.float64) for w, v in zip(init, views)]
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in init]
+        for ps, opt in opts:
+            for p, g in zip(ps, grads):
+                p.grad = g.float()
+            opt.step()
+        _reference_step(ref, [g.float() for g in grads], bufs, vs, views, lr=lr, wd=wd, normuon=normuon)
+    (fused, _), (buffered, opt_b) = opts
+    assert opt_b.last_stats  # the buffered path did run (statistics are only recorded there)
+    for f, b, r in zip(fused, buffered, ref):
+        torch.testing.assert_close(f.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(f.detach().double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_fp64_parameters_take_the_fused_step_in_fp64():
+    init, views, opts = _pair(torch.float64, lr=0.05, weight_decay=0.1, normuon=True)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in init]
+        for ps, opt in opts:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for f, b in zip(opts[0][0], opts[1][0]):
+        assert f.dtype == torch.float64
+        torch.testing.assert_close(f.detach(), b.detach(), rtol=1e-6, atol=1e-6)  # NorMuon's v is fp32
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_stacked_same_shape_parameters_each_get_their_own_update(batched):
+    """Parameters of one shape are orthogonalized in one stack and each adds its own slice."""
+    gen = torch.Generator().manual_seed(4)
+    ws = [nn.Parameter(torch.randn(6, 6, generator=gen)) for _ in range(3)]
+    singles = [nn.Parameter(w.detach().clone()) for w in ws]
+    together = Muon([{"params": ws, "algorithm": "muon"}], lr=0.1, batched=batched)
+    alone = [Muon([{"params": [w], "algorithm": "muon"}], lr=0.1) for w in singles]
+    for _ in range(2):
+        grads = [torch.randn(6, 6, generator=gen) for _ in ws]
+        for w, s, g in zip(ws, singles, grads):
+            w.grad, s.grad = g.clone(), g.clone()
+        together.step()
+        for o in alone:
+            o.step()
+    for w, s in zip(ws, singles):
+        torch.testing.assert_close(w.detach(), s.detach(), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the gradient check, grouped by dtype
+def _mixed():
+    ps = {"f32": nn.Parameter(torch.randn(6, 4)), "bf16": nn.Parameter(torch.randn(6, 4).bfloat16()),
+          "f16": nn.Parameter(torch.randn(6, 4).half()), "f64": nn.Parameter(torch.randn(6, 4, dtype=torch.float64)),
+          "bias": nn.Parameter(torch.randn(4))}
+    groups = [{"params": [(n, ps[n]) for n in ("f32", "bf16", "f16")], "algorithm": "muon"},
+              {"params": [("f64", ps["f64"])], "algorithm": "muon", "state_dtype": "fp64"},
+              {"params": [("bias", ps["bias"])], "algorithm": "adamw"}]
+    for p in ps.values():
+        p.grad = torch.randn(p.shape, dtype=torch.float64).to(p.dtype)
+    return ps, groups
+
+
+@pytest.mark.parametrize("bad", ["f32", "bf16", "f16", "f64", "bias"])
+def test_a_nonfinite_gradient_among_mixed_dtypes_names_only_its_parameter(bad):
+    ps, groups = _mixed()
+    opt = Muon(groups, lr=0.01)
+    ps[bad].grad.view(-1)[1] = float("inf")
+    before = {n: p.detach().clone() for n, p in ps.items()}
+    with pytest.raises(NonFiniteGradientError, match=r"in 1 parameter\(s\)") as info:
+        opt.step()
+    assert f" {bad} (" in f" {info.value}"
+    assert all(torch.equal(p.detach(), before[n]) for n, p in ps.items())
+
+
+def test_an_fp64_state_accepts_a_gradient_beyond_the_fp32_range():
+    # sqrt(fp64 max)/2 is the limit there: 1e100 is large but its square fits fp64 state
+    ps, groups = _mixed()
+    opt = Muon(groups, lr=0.01)
+    ps["f64"].grad.view(-1)[0] = 1e100
+    before = ps["f64"].detach().clone()
+    opt.step()
+    assert torch.isfinite(ps["f64"]).all() and not torch.equal(before, ps["f64"].detach())
+    ps["f64"].grad = torch.full_like(ps["f64"], 1e160)  # beyond it: refused, naming the parameter
+    with pytest.raises(NonFiniteGradientError, match=r"f64 \(6, 4\).*1e\+160"):
+        opt.step()

@@ -171,3 +171,39 @@ def test_an_fp64_state_accepts_a_gradient_beyond_the_fp32_range():
     ps["f64"].grad = torch.full_like(ps["f64"], 1e160)  # beyond it: refused, naming the parameter
     with pytest.raises(NonFiniteGradientError, match=r"f64 \(6, 4\).*1e\+160"):
         opt.step()
+
+
+# ---------------------------------------------------------------------- a stack written prescaled from its sources
+def test_prescale_stack_equals_prescaling_the_concatenation():
+    from muonlab.orthogonalize import _prescale, prescale_stack
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(2, 5, 7, generator=gen) * 1e-30  # tiny and huge scales, a zero matrix, a transposed view
+    b = torch.randn(7, 5, generator=gen).mT[None] * 3e37
+    c = torch.zeros(1, 5, 7)
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        got = prescale_stack([a, b, c], dt)
+        assert got.is_contiguous() and got.dtype == dt
+        assert torch.equal(got, _prescale(torch.cat([a, b, c]), dt, 1e-7))
+    with pytest.raises(ValueError, match="fp16"):
+        prescale_stack([a], torch.float16)
+
+
+def test_a_stack_of_stored_and_transposed_parameters_steps_like_each_alone():
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(10, 6, generator=gen)  # (out, in)
+    stored = [nn.Parameter(w.clone()), nn.Parameter(w.T.clone()), nn.Parameter(torch.randn(10, 6, generator=gen))]
+    views = ["matrix", "T", "matrix"]
+    together = Muon([{"params": stored, "algorithm": "muon", "views": views}], lr=0.1, ns_dtype="fp32")
+    singles = [nn.Parameter(p.detach().clone()) for p in stored]
+    alone = [Muon([{"params": [s], "algorithm": "muon", "views": [v]}], lr=0.1, ns_dtype="fp32") for s, v in zip(singles, views)]
+    for _ in range(2):
+        g = torch.randn(10, 6, generator=gen)
+        for ps in (stored, singles):
+            ps[0].grad, ps[1].grad, ps[2].grad = g.clone(), g.T.clone(), (2 * g).clone()
+        together.step()
+        for o in alone:
+            o.step()
+    for p, s in zip(stored, singles):
+        torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stored[1].detach(), stored[0].detach().T, rtol=1e-5, atol=1e-6)

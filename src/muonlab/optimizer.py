@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from . import distributed as _dist
 from .coefficients import resolve_schedule
-from .orthogonalize import METHODS, method_flops, orthogonalize_raw, resolve_dtype
+from .orthogonalize import METHODS, method_flops, orthogonalize_raw, prescale_stack, resolve_dtype
 from .routing import ParamGroups, RouteRow, RoutingReport, describe_matrices, muon_param_groups
 from .updates import (
     ADJUST_LR_MODES,
@@ -844,10 +844,18 @@ class Muon(Optimizer):
                 return X.clone()
             return orthogonalize_raw(X, method, schedule, steps, work_dtype, eps, self.compile)
 
+        # eagerly, a stack for the polynomial methods is written prescaled, in the iteration dtype,
+        # straight from its sources (no fp32 concatenation first)
+        stack_prescaled = (method in ("newton_schulz", "gram", "auto") and work_dtype != torch.float16
+                           and not self.compile and not torch.compiler.is_compiling())
         chunks = _chunk_by_numel(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
         for chunk in chunks:
-            X = torch.cat([s for s, _ in chunk]) if len(chunk) > 1 else chunk[0][0]
-            O = ortho(X) if self.batched else torch.stack([ortho(x) for x in X.unbind(0)])
+            if len(chunk) > 1 and self.batched and stack_prescaled and chunk[0][0].numel():
+                O = orthogonalize_raw(prescale_stack([s for s, _ in chunk], work_dtype), method, schedule, steps,
+                                      work_dtype, eps, prescaled=True)
+            else:
+                X = torch.cat([s for s, _ in chunk]) if len(chunk) > 1 else chunk[0][0]
+                O = ortho(X) if self.batched else torch.stack([ortho(x) for x in X.unbind(0)])
             offset = 0
             for src, dst in chunk:
                 k = src.shape[0]

@@ -357,17 +357,37 @@ def _prescale(X: torch.Tensor, work_dtype: torch.dtype, eps: float) -> torch.Ten
     if work_dtype == torch.float16:
         wide = torch.float64 if X.dtype == torch.float64 else torch.float32
         return normalize_frobenius(X.to(wide), eps=eps).to(work_dtype, memory_format=torch.contiguous_format)
-    # amax and amin separately: two read-only passes, no |X| temporary (2x faster than abs().amax)
-    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
     # a division (not a product with 1/amax, which overflows for subnormal amax); the result is
     # laid out contiguously: a transposed (tall) input would otherwise keep its strides through the
     # elementwise ops, and every product of the iteration would copy its operands (measured: 45% of
     # the time of a 3072x768 bf16 orthogonalization on CPU)
-    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
     if torch.compiler.is_compiling():  # inductor fuses the division and the cast by itself
-        return (X / scale).to(work_dtype, memory_format=torch.contiguous_format)
+        return (X / _max_entry(X)).to(work_dtype, memory_format=torch.contiguous_format)
     # eagerly the division writes the narrow, contiguous result directly: one pass, no fp32 temporary
-    return torch.div(X, scale, out=torch.empty(X.shape, dtype=work_dtype, device=X.device))
+    return torch.div(X, _max_entry(X), out=torch.empty(X.shape, dtype=work_dtype, device=X.device))
+
+
+def _max_entry(X: torch.Tensor) -> torch.Tensor:
+    """max |entry| of each matrix of X (B, m, n) as (B, 1, 1), 1 for a zero matrix; NaN propagates."""
+    # amax and amin separately: two read-only passes, no |X| temporary (2x faster than abs().amax)
+    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
+    return torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
+def prescale_stack(sources: Sequence[torch.Tensor], work_dtype: torch.dtype) -> torch.Tensor:
+    """What the polynomial methods first make of ``torch.cat(sources)`` (each matrix divided by its
+    largest |entry|, in ``work_dtype``, contiguous), without forming the concatenation: each source
+    (k, m, n) is divided straight into its slice of the stack. Pass the result to
+    :func:`orthogonalize_raw` with ``prescaled=True``. Not for fp16 (which normalizes differently)."""
+    if work_dtype == torch.float16:
+        raise ValueError("prescale_stack: fp16 iterations normalize by the Frobenius norm first; use orthogonalize_raw")
+    out = torch.empty((sum(s.shape[0] for s in sources), *sources[0].shape[-2:]), dtype=work_dtype,
+                      device=sources[0].device)
+    offset = 0
+    for s in sources:
+        torch.div(s, _max_entry(s), out=out[offset:offset + s.shape[0]])
+        offset += s.shape[0]
+    return out
 
 
 def _inverse_norm(A: torch.Tensor, eps: float) -> torch.Tensor:
@@ -517,14 +537,16 @@ def _polynomial(
     norm_dtype: torch.dtype,
     work_dtype: torch.dtype,
     tall: bool = False,
+    prescaled: bool = False,
 ) -> torch.Tensor:
     """Normalize a batch X (B, m, n) and run one polynomial method on its short side
-    (``tall``: m > n, iterated on XᵀX without transposing X)."""
+    (``tall``: m > n, iterated on XᵀX without transposing X). ``prescaled``: X is already
+    :func:`prescale_stack`'s output."""
     if method == "newton_schulz":
-        return newton_schulz(_prescale(X, work_dtype, eps), schedule, eps, tall)
+        return newton_schulz(X if prescaled else _prescale(X, work_dtype, eps), schedule, eps, tall)
     if method == "gram":
         restarts = gram_restarts(len(schedule), work_dtype)
-        return newton_schulz_gram(_prescale(X, work_dtype, eps), schedule, eps, restarts, tall)
+        return newton_schulz_gram(X if prescaled else _prescale(X, work_dtype, eps), schedule, eps, restarts, tall)
     X = normalize_frobenius(X.to(norm_dtype), eps=eps).to(work_dtype, memory_format=torch.contiguous_format)
     return inverse_sqrt_coupled(X, steps, eps, tall)
 
@@ -634,15 +656,18 @@ def orthogonalize(
 
 def orthogonalize_raw(
     G: torch.Tensor, method: str, schedule: Sequence[Triple], steps: int, work_dtype: torch.dtype, eps: float,
-    compile: bool = False,
+    compile: bool = False, prescaled: bool = False,
 ) -> torch.Tensor:
     """:func:`orthogonalize` without its checks and without the final cast: a non-empty G (already
     validated), a resolved schedule and iteration dtype. The result has G's shape, in the iteration
     dtype (fp32/fp64 for the SVD methods), contiguous or, for a transposed G, in G's transposed layout.
-    The optimizer calls this and casts while it writes the result where it goes (one pass, not two)."""
+    The optimizer calls this and casts while it writes the result where it goes (one pass, not two).
+    ``prescaled``: G is :func:`prescale_stack`'s output (polynomial methods, eager only)."""
     m, n = G.shape[-2], G.shape[-1]
     if method == "auto":
         method = choose_method(m, n, len(schedule), work_dtype)  # type: ignore[assignment]
+    if prescaled and (method not in ("newton_schulz", "gram") or compile):
+        raise ValueError(f"prescaled input is for the eager polynomial methods, not {method!r} (compile={compile})")
     X = _as_batch(G)
     # Work in the orientation G is stored in: a transposed view (e.g. Wᵀ of a contiguous W) is
     # iterated as its contiguous transpose, and the result comes back in G's layout. A transposing
@@ -666,7 +691,7 @@ def orthogonalize_raw(
         # normalise in at least fp32 (the scale step must not overflow), then iterate in work_dtype
         norm_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
         args = (method, tuple(schedule), steps, eps, norm_dtype, work_dtype, tall)
-        result = _run_compiled(W, *args) if compile else _polynomial(W, *args)
+        result = _run_compiled(W, *args) if compile else _polynomial(W, *args, prescaled=prescaled)
 
     # result is W-shaped and contiguous; a flipped input gets the flipped (transposed) layout back
     return (result.mT if flip else result).reshape(G.shape)

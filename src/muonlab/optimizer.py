@@ -650,10 +650,10 @@ class Muon(Optimizer):
                 raise ValueError(f"parameter {name} with shape {tuple(p.shape)} is a DTensor but Muon runs without a "
                                  "process group (process_group=False); sharded parameters need the distributed step")
         # 1. bucket every logical matrix by (shape, orthogonalization settings, device, dtype).
-        # A plain fp32/fp64 parameter (no NorMuon, statistics or cautious decay) is decayed now and takes
-        # its update straight from the orthogonalized stack: θ <- θ - lr·scale·O in one pass. Any other
-        # gets an update buffer in the direction's (compute) dtype, finished per parameter in step 3
-        # (a low-precision parameter is rounded once, at the end).
+        # An fp32/fp64 parameter (without track_stats or cautious decay) is decayed now and takes its
+        # update straight from the orthogonalized stack: θ <- θ - lr·scale·O in one pass, NorMuon's row
+        # factors folded into the scale. Any other gets an update buffer in the direction's (compute)
+        # dtype, finished per parameter in step 3 (a low-precision parameter is rounded once, at the end).
         updates: list[Optional[Tensor]] = []
         buckets: dict[tuple, list[tuple[Tensor, Any]]] = defaultdict(list)
         for group, name, p, d, view in pending:

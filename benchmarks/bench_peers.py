@@ -18,10 +18,11 @@ Contenders (every one on the same matrices, all routed to Muon; AdamW is not par
   ``torch.compile`` (max-autotune: minutes of compilation on a CPU, paid in the warm-up).
 * ``pytorch_optimizer`` Muon (plain and ``ns_method="gram_newton_schulz"``), NorMuon and AdaMuon,
   each with a ``use_muon=True`` group.
-* ``muonlab.Muon`` with its defaults (``ns_method="auto"``, ``ns_dtype=None``: the dtype the
-  machine measured, see ``muonlab.orthogonalize.dtype_choice``) and variants: plain
+* ``muonlab.Muon`` with its defaults (NorMuon, ``ns_method="auto"``, ``ns_dtype=None``: the dtype the
+  machine measured, see ``muonlab.orthogonalize.dtype_choice``) and variants: plain Muon
+  (``normuon=False``, the update the peers' plain Muon computes), plain
   Newton-Schulz, the per-matrix loop (``batched=False``), larger stacks (``batch_max_elements``),
-  Polar Express coefficients, NorMuon, and an fp32 iteration (on the lab set only unless ``--all-variants``: 5x slower where bf16 is fast).
+  Polar Express coefficients, and an fp32 iteration (on the lab set only unless ``--all-variants``: 5x slower where bf16 is fast).
 
 Parameter sets (``--sizes``, comma-separated):
 
@@ -210,13 +211,14 @@ def contenders(device: torch.device, set_name: str, all_variants: bool, heavybal
 
     dname = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(chosen, str(chosen))
     out.append(Contender("muonlab.Muon (default)", ours(), chosen, auto_method(chosen), peer=False,
-                         note=f"ns_method=auto, ns_dtype=None -> {dname} on this device"))
+                         note=f"NorMuon, ns_method=auto, ns_dtype=None -> {dname} on this device"))
+    out.append(Contender("muonlab.Muon normuon=False", ours(normuon=False), chosen, auto_method(chosen), peer=False,
+                         note="plain Muon: the update of torch.optim.Muon and pytorch_optimizer.Muon"))
     out.append(Contender("muonlab.Muon ns_method=newton_schulz", ours(ns_method="newton_schulz"), chosen, _ns, peer=False))
     out.append(Contender("muonlab.Muon batched=False", ours(batched=False), chosen, auto_method(chosen), peer=False,
                          note="the per-matrix reference loop"))
     out.append(Contender("muonlab.Muon polar_express", ours(ns_coefficients="polar_express"), chosen,
                          auto_method(chosen), peer=False))
-    out.append(Contender("muonlab.Muon normuon=True", ours(normuon=True), chosen, auto_method(chosen), peer=False))
     for exp in (22, 24, 26):  # stack sizes around and above the CPU default (2**20 elements per thread)
         out.append(Contender(f"muonlab.Muon batch_max_elements=2**{exp}", ours(batch_max_elements=2**exp), chosen,
                              auto_method(chosen), peer=False, note="stacks of at most this many elements"))

@@ -28,7 +28,7 @@ def _muon_update(G: torch.Tensor, **opts) -> torch.Tensor:
     """The step the real Muon optimizer takes for gradient G (lr 1, no momentum, no shape scale)."""
     p = torch.nn.Parameter(torch.zeros_like(G))
     opt = Muon([{"params": [p], "algorithm": "muon"}], lr=1.0, momentum=0.0, nesterov=False,
-               adjust_lr_fn="none", **opts)
+               adjust_lr_fn="none", normuon=False, **opts)
     p.grad = G.clone()
     opt.step()
     return -p.detach()

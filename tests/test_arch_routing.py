@@ -78,7 +78,7 @@ def _check_step(model, arch: str, groups_fn) -> None:
         m = copy.deepcopy(model)
         groups = groups_fn(m)
         opt = Muon(groups, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, ns_method="svd",
-                   adjust_lr_fn=fn, adamw_lr=0.0)
+                   adjust_lr_fn=fn, adamw_lr=0.0, normuon=False)
         _loss(m, arch).backward()
         muon = next(g for g in opt.param_groups if g["algorithm"] == "muon")
         before = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in zip(muon["param_names"], muon["params"])}
@@ -151,7 +151,7 @@ def test_gpt2_conv1d_is_transposed():
     _check_step(model, "gpt2", muon_param_groups)
     # the numbers: c_fc (stored 32x128, really 128 outputs of 32 inputs) steps 2.0, c_proj 1.0
     m = copy.deepcopy(model)
-    opt = Muon(m, lr=1.0, momentum=0.0, nesterov=False, ns_method="svd", adamw_lr=0.0)
+    opt = Muon(m, lr=1.0, momentum=0.0, nesterov=False, ns_method="svd", adamw_lr=0.0, normuon=False)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     _loss(m, "gpt2").backward()
     opt.step()

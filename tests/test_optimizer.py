@@ -85,7 +85,7 @@ def _lm_loss(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 # exact one-shot orthogonalization: update = -lr * msign(grad), nothing else
-EXACT = dict(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, ns_method="svd", adjust_lr_fn="none")
+EXACT = dict(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, ns_method="svd", adjust_lr_fn="none", normuon=False)
 
 
 def _one_exact_step(opt: Muon, seed: int = 0):
@@ -109,7 +109,7 @@ def _run_parity(monkeypatch, *, fp32: bool, adjust_lr_fn: str, nesterov: bool, w
     ours = [torch.randn(s, requires_grad=True) for s in PARITY_SHAPES]
     ref = [p.detach().clone().requires_grad_() for p in ours]
     start = [p.detach().clone() for p in ours]
-    opt = Muon([{"params": ours, "algorithm": "muon"}], lr=0.02, momentum=0.9, nesterov=nesterov,
+    opt = Muon([{"params": ours, "algorithm": "muon"}], lr=0.02, momentum=0.9, nesterov=nesterov, normuon=False,
                weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, ns_coefficients="keller", ns_steps=5,
                ns_dtype=None if fp32 else "bf16")
     if fp32:
@@ -147,7 +147,7 @@ def test_parity_detects_a_changed_setting(monkeypatch):
     torch.manual_seed(0)
     ours = [torch.randn(16, 8, requires_grad=True)]
     ref = [ours[0].detach().clone().requires_grad_()]
-    opt = Muon([{"params": ours, "algorithm": "muon"}], lr=0.02, momentum=0.9, nesterov=True)
+    opt = Muon([{"params": ours, "algorithm": "muon"}], lr=0.02, momentum=0.9, nesterov=True, normuon=False)
     ref_opt = torch.optim.Muon(ref, lr=0.02, momentum=0.9, nesterov=False, weight_decay=0.0)
     for s in range(3):
         g = torch.randn(16, 8, generator=torch.Generator().manual_seed(s))
@@ -784,7 +784,8 @@ def test_nonfinite_propagate_yields_nan():
 def test_track_stats(method, max_residual):
     torch.manual_seed(0)
     model = TinyLM()
-    opt = Muon(model, track_stats=True, ns_method=method, adjust_lr_fn="none", lr=0.1, momentum=0.0, nesterov=False)
+    opt = Muon(model, track_stats=True, ns_method=method, adjust_lr_fn="none", lr=0.1, momentum=0.0, nesterov=False,
+               normuon=False)
     _fill_grads(model.parameters(), 0)
     opt.step()
     stats = opt.last_stats
@@ -949,7 +950,7 @@ def test_state_is_one_buffer_per_matrix():
     layers = [nn.Linear(32, 64, bias=False), nn.Linear(64, 64, bias=False), nn.Linear(64, 16, bias=False)]
     weights = [l.weight for l in layers]
     numel = sum(w.numel() for w in weights)
-    muon = Muon([{"params": weights, "algorithm": "muon"}])
+    muon = Muon([{"params": weights, "algorithm": "muon"}], normuon=False)
     adamw = Muon([{"params": [w.detach().clone().requires_grad_() for w in weights], "algorithm": "adamw"}])
     ref = torch.optim.AdamW([w.detach().clone().requires_grad_() for w in weights])
     for opt in (muon, adamw, ref):

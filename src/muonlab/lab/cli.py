@@ -222,7 +222,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train a small GPT with each optimizer and compare (the main job)")
-    p.add_argument("--optimizers", default="muon,adamw", help="comma-separated zoo names [muon,adamw]")
+    p.add_argument("--optimizers", default="normuon,adamw", help="comma-separated zoo names [normuon,adamw]")
     _add_train_args(p, DEFAULT_COMPARE_STEPS)
     p.add_argument("--sweep", action="store_true", help="try 0.5x, 1x, 2x each default lr; keep the best")
     p.add_argument("--seeds", default="0", help="comma-separated seeds [0]")
@@ -235,7 +235,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train", help="train the lab GPT with one optimizer")
-    p.add_argument("--optimizer", default="muon", help="zoo name [muon]")
+    p.add_argument("--optimizer", default="normuon", help="zoo name [normuon]")
     p.add_argument("--lr", type=float, default=None, help="learning rate [the zoo default for the size]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder [runs/train-<optimizer>-<config hash>]")
@@ -259,7 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("efficiency", help="tokens/time an optimizer needs to match the baseline's final loss")
-    p.add_argument("--optimizer", default="muon")
+    p.add_argument("--optimizer", default="normuon", help="zoo name [normuon]")
     p.add_argument("--baseline", default="adamw")
     p.add_argument("--fractions", default="0.4,0.5,0.67,0.8,1.0", help="budgets as fractions of --steps")
     p.add_argument("--no-sweep", action="store_true", help="use default learning rates only")
@@ -274,7 +274,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scaling", help="the efficiency measurement at several model sizes (token and time speed-up "
                                        "against parameters)")
     p.add_argument("--sizes", default="micro,tiny,mini,small", help="model sizes [micro,tiny,mini,small]")
-    p.add_argument("--optimizer", default="muon")
+    p.add_argument("--optimizer", default="normuon", help="zoo name [normuon]")
     p.add_argument("--baseline", default="adamw")
     p.add_argument("--tokens-per-param", type=float, default=4.0,
                    help="training tokens per non-embedding parameter of the baseline's run [4]")

@@ -90,7 +90,7 @@ def crossing(rows: list[dict[str, Any]], target: float, key: str) -> Optional[fl
 
 
 def compare(
-    optimizers: list[str] | str = ("muon", "adamw"),
+    optimizers: list[str] | str = ("normuon", "adamw"),
     *,
     base: Optional[TrainConfig] = None,
     tokens: Optional[int] = None,
@@ -355,7 +355,7 @@ def _interp_crossing(xs: list[float], ys: list[float], target: float) -> Optiona
 
 
 def efficiency(
-    optimizer: str = "muon",
+    optimizer: str = "normuon",
     baseline: str = "adamw",
     *,
     base: Optional[TrainConfig] = None,

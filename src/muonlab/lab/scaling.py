@@ -61,7 +61,7 @@ def steps_for(non_embedding: int, tokens_per_param: float, batch_size: int, seq_
 
 def scaling(
     sizes: Sequence[str] = DEFAULT_SIZES,
-    optimizer: str = "muon",
+    optimizer: str = "normuon",
     baseline: str = "adamw",
     *,
     base: Optional[TrainConfig] = None,

@@ -77,7 +77,7 @@ class TrainConfig:
     """Everything that defines a run. Two runs with equal configs produce equal results."""
 
     model: str = "tiny"
-    optimizer: str = "muon"
+    optimizer: str = "normuon"
     lr: Optional[float] = None  # None: the zoo's default for this model size
     adamw_lr: Optional[float] = None  # the AdamW part of Muon-style optimizers (None: zoo default)
     steps: int = 400

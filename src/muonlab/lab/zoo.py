@@ -114,8 +114,10 @@ def _muon(**opts: Any) -> Callable[[nn.Module, float, float, dict[str, Any]], Op
         views = extra.pop("views", None)
         wd = extra.pop("weight_decay", WEIGHT_DECAY)  # the lab's weight decay: every parameter, both parts
         groups = muon_param_groups(model, views=views) if views else muon_param_groups(model)
+        # a zoo name is a fixed recipe (cached runs are keyed by it): plain Muon unless the entry says
+        # normuon=True, whatever Muon()'s default is
         return Muon(groups, lr=lr, adamw_lr=adamw_lr, adamw_betas=ADAMW_BETAS, weight_decay=wd,
-                    adamw_weight_decay=wd, **{**opts, **extra})
+                    adamw_weight_decay=wd, **{"normuon": False, **opts, **extra})
 
     return build
 
@@ -259,11 +261,13 @@ def register(entry: ZooEntry) -> ZooEntry:
 
 
 for _e in [
-    ZooEntry("muon", "muon", "muonlab Muon (Keller quintic, 5 steps) + AdamW for embeddings/head/norms/biases",
+    ZooEntry("muon", "muon", "plain Muon (muonlab Muon with normuon=False; Keller quintic, 5 steps) + AdamW for "
+             "embeddings/head/norms/biases",
              _muon(), MUON_LR),
     ZooEntry("muon-polar", "muon", "muonlab Muon with the Polar Express schedule", _muon(ns_coefficients="polar_express"), MUON_LR),
     ZooEntry("muon-you", "muon", "muonlab Muon with J. You's 6-step schedule", _muon(ns_coefficients="you", ns_steps=6), MUON_LR),
-    ZooEntry("normuon", "muon", "NorMuon: Muon + per-neuron second-moment normalization (seed 004)", _muon(normuon=True), MUON_LR),
+    ZooEntry("normuon", "muon", "NorMuon: Muon + per-neuron second-moment normalization (seed 004); muonlab Muon's "
+             "default", _muon(normuon=True), MUON_LR),
     ZooEntry("muon-split", "muon", "Muon Split: attention projections orthogonalized per head (seed 000)", _muon_split, MUON_LR),
     ZooEntry("muon-moonlight", "muon", "Muon with Moonlight's AdamW-matched update RMS (adjust_lr_fn=match_rms_adamw)",
              _muon(adjust_lr_fn="match_rms_adamw"), ADAMW_LR),

@@ -78,6 +78,13 @@ def _pair(dtype, **kw):
     return init, views, opts
 
 
+def _step_both(opts, grads):
+    for ps, opt in opts:
+        for p, g in zip(ps, grads):
+            p.grad = g.to(p.dtype, copy=True)
+        opt.step()
+
+
 @pytest.mark.parametrize("normuon", [False, True])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 @pytest.mark.parametrize("tensor_lr", [False, True])
@@ -90,10 +97,7 @@ def test_fused_and_buffered_steps_equal_the_reference(normuon, wd, tensor_lr):
     gen = torch.Generator().manual_seed(11)
     for _ in range(3):
         grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in init]
-        for ps, opt in opts:
-            for p, g in zip(ps, grads):
-                p.grad = g.float()
-            opt.step()
+        _step_both(opts, grads)
         _reference_step(ref, [g.float() for g in grads], bufs, vs, views, lr=lr, wd=wd, normuon=normuon)
     (fused, _), (buffered, opt_b) = opts
     assert opt_b.last_stats  # the buffered path did run (statistics are only recorded there)
@@ -106,11 +110,7 @@ def test_fp64_parameters_take_the_fused_step_in_fp64():
     init, views, opts = _pair(torch.float64, lr=0.05, weight_decay=0.1, normuon=True)
     gen = torch.Generator().manual_seed(2)
     for _ in range(2):
-        grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in init]
-        for ps, opt in opts:
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            opt.step()
+        _step_both(opts, [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in init])
     for f, b in zip(opts[0][0], opts[1][0]):
         assert f.dtype == torch.float64
         torch.testing.assert_close(f.detach(), b.detach(), rtol=1e-6, atol=1e-6)  # NorMuon's v is fp32

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from . import distributed as _dist
 from .coefficients import resolve_schedule
-from .orthogonalize import METHODS, method_flops, orthogonalize_raw, prescale_stack, resolve_dtype
+from .orthogonalize import METHODS, POLYNOMIAL_METHODS, method_flops, orthogonalize_raw, prescale_stack, resolve_dtype
 from .routing import ParamGroups, RouteRow, RoutingReport, describe_matrices, muon_param_groups
 from .updates import (
     ADJUST_LR_MODES,
@@ -841,7 +841,8 @@ class Muon(Optimizer):
         """Orthogonalize same-key (source, destination) block stacks in stacked chunks (or one matrix
         at a time: the reference loop), writing into the destinations."""
         _, (method, coeffs, steps, dtype, eps), device, src_dtype = key
-        schedule = resolve_schedule(coeffs, steps) if method in ("newton_schulz", "gram", "auto") else []
+        polynomial = method in POLYNOMIAL_METHODS
+        schedule = resolve_schedule(coeffs, steps) if polynomial else []
         work_dtype = resolve_dtype(dtype, device, src_dtype)
 
         def ortho(X: Tensor) -> Tensor:  # the result in the iteration dtype; _emit casts as it writes
@@ -851,7 +852,7 @@ class Muon(Optimizer):
 
         # eagerly, a stack for the polynomial methods is written prescaled, in the iteration dtype,
         # straight from its sources (no fp32 concatenation first)
-        stack_prescaled = (method in ("newton_schulz", "gram", "auto") and work_dtype != torch.float16
+        stack_prescaled = (polynomial and work_dtype != torch.float16
                            and not self.compile and not torch.compiler.is_compiling())
         chunks = _chunk_by_numel(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
         for chunk in chunks:

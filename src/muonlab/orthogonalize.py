@@ -46,6 +46,9 @@ from .coefficients import CoefficientSpec, Triple, resolve_schedule
 
 METHODS = ("newton_schulz", "gram", "inverse_sqrt", "svd", "svd_inv_sqrt", "auto")
 Method = Literal["newton_schulz", "gram", "inverse_sqrt", "svd", "svd_inv_sqrt", "auto"]
+# the methods that run a polynomial (Newton-Schulz) schedule: they take coefficients, and their input
+# is prescaled by its largest |entry| ("auto" resolves to one of the first two)
+POLYNOMIAL_METHODS = ("newton_schulz", "gram", "auto")
 NonFinitePolicy = Literal["raise", "propagate"]
 
 _DTYPE_NAMES = {
@@ -639,7 +642,7 @@ def orthogonalize(
     if not (eps >= 0.0):
         raise ValueError(f"eps must be >= 0, got {eps}")
     schedule: list[Triple] = []
-    if method in ("newton_schulz", "gram", "auto"):
+    if method in POLYNOMIAL_METHODS:
         schedule = resolve_schedule(coefficients, steps)
     elif method == "inverse_sqrt" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")

@@ -174,6 +174,7 @@ def test_weight_decay_stage_trains_the_leaders_and_the_baseline(wd_compare):
                  key=lambda n: min(p["final_val_loss"] for p in opts[n]["sweep"] if p["weight_decay"] is None))
     expected = [leader] + (["adamw"] if leader != "adamw" else [])
     assert summary["config"]["weight_decay_swept_for"] == expected
+    assert "optimizer" not in summary["config"] and summary["config"]["seeds"] == [0]
     for name in ("muon", "sgd", "adamw"):
         wds = sorted(p["weight_decay"] for p in opts[name]["sweep"] if p["weight_decay"] is not None)
         assert wds == ([0.0, 0.5] if name in expected else []), name
@@ -203,6 +204,9 @@ def test_efficiency_says_when_a_best_lr_sits_at_the_end_of_its_sweep(tmp_path):
     res = efficiency("muon", "adamw", base=base, fractions=(0.5, 1.0), seeds=(0,), lr_multipliers=(0.5, 1.0, 2.0),
                      out=tmp_path / "e", progress=False, log=lines.append)
     assert res["lr_multipliers"] == [0.5, 1.0, 2.0]
+    # the template's optimizer and seed are not the study's: the JSON names what ran, once
+    assert base.optimizer != "muon" and "optimizer" not in res["config"] and "seed" not in res["config"]
+    assert (res["optimizer"], res["baseline"], res["seeds"]) == ("muon", "adamw", [0])
     full = res["points"][-1]
     assert res["optimizer_full_budget_lr"] == full["best_lr"]
     for key, swept, name in (("baseline_lr_bracketed", res["baseline_result"], "adamw"),

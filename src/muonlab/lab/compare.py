@@ -71,6 +71,13 @@ def bracketed(sweep: dict[Any, float]) -> tuple[bool, int]:
     return True, 0
 
 
+def study_config(base: TrainConfig) -> dict[str, Any]:
+    """The settings every run of a study shares, for its JSON: ``base`` without the fields each run
+    sets for itself (the optimizer and the seed, recorded as the study's ``optimizers``/``seeds``).
+    Recording the template's own values there would name an optimizer the study never ran."""
+    return {k: v for k, v in asdict(base).items() if k not in ("optimizer", "seed")}
+
+
 def _run_name(optimizer: str, lr: float, seed: int, weight_decay: Optional[float] = None) -> str:
     wd = "" if weight_decay is None else f"_wd{weight_decay:g}"
     return f"{optimizer}/lr{lr:.3g}{wd}_seed{seed}"
@@ -213,7 +220,7 @@ def _compare(names: list[str], base: TrainConfig, seq_len: int, sweep: bool, lr_
     for s in summary["optimizers"].values():  # is the best lr of the lr sweep strictly inside it?
         lr_points = {p["lr"]: p["final_val_loss"] for p in s["sweep"] if p["weight_decay"] is None}
         s["lr_bracketed"] = bracketed(lr_points)[0] if sweep and len(lr_multipliers) >= 3 else None
-    summary["config"] = {**asdict(base), "seeds": list(seeds), "sweep": sweep,
+    summary["config"] = {**study_config(base), "seeds": list(seeds), "sweep": sweep,
                          "lr_multipliers": list(lr_multipliers) if sweep else [1.0],
                          "weight_decays": list(weight_decays), "weight_decay_swept_for": wd_for,
                          "lr_extended": extended}
@@ -457,7 +464,7 @@ def _efficiency(optimizer: str, baseline: str, base: TrainConfig, fractions: tup
         "per_seed_token_ratio": per_seed_ratio,
         "per_seed_token_ratio_mean": statistics.fmean(ok) if ok else None,
         "per_seed_token_ratio_std": statistics.stdev(ok) if len(ok) > 1 else 0.0,
-        "seeds": list(seeds), "config": asdict(base), "environment": environment(),
+        "seeds": list(seeds), "config": study_config(base), "environment": environment(),
         "lr_multipliers": list(lr_multipliers) if sweep else [1.0],
     }
     # is each best lr inside its grid? (the baseline's, and the optimizer's at the full budget)

@@ -207,3 +207,72 @@ def test_a_stack_of_stored_and_transposed_parameters_steps_like_each_alone():
     for p, s in zip(stored, singles):
         torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stored[1].detach(), stored[0].detach().T, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- directions formed chunk by chunk
+def _three_steps(**kw):
+    gen = torch.Generator().manual_seed(4)
+    # the last two share a stack: one stored plainly, one stored transposed (with a transposed gradient)
+    init = [torch.randn(s, generator=gen) for s, _ in SHAPES_VIEWS] + [torch.randn(9, 6, generator=gen),
+                                                                      torch.randn(6, 9, generator=gen).T]
+    views = [v for _, v in SHAPES_VIEWS] + ["matrix", "matrix"]
+    ps = [nn.Parameter(w.clone()) for w in init[:-1]] + [nn.Parameter(init[-1])]
+    opt = Muon([{"params": ps, "algorithm": "muon", "views": views}], lr=0.05, weight_decay=0.1, **kw)
+    ptrs = []
+    for step in range(3):
+        gen_g = torch.Generator().manual_seed(100 + step)
+        for p in ps:
+            g = torch.randn(p.shape[::-1] if not p.is_contiguous() else p.shape, generator=gen_g)
+            p.grad = g.T if not p.is_contiguous() else g  # a transposed gradient for the transposed parameter
+        opt.step()
+        ptrs.append({k: w.data_ptr() for k, w in opt._workspaces.items()})
+    return ps, opt, ptrs
+
+
+@pytest.mark.parametrize("ns_dtype", ["fp32", "bf16"])
+def test_directions_formed_per_chunk_equal_the_ones_formed_up_front(ns_dtype):
+    """The single-process foreach step forms each stacked chunk's Nesterov directions into a reused
+    workspace just before orthogonalizing them; foreach=False forms every direction up front with
+    momentum_direction. Same numbers, bit for bit, for every view and a transposed parameter."""
+    lazy, opt, ptrs = _three_steps(ns_dtype=ns_dtype)
+    eager, _, _ = _three_steps(ns_dtype=ns_dtype, foreach=False)
+    for a, b in zip(lazy, eager):
+        assert torch.equal(a.detach(), b.detach())
+    # the workspaces were made on the first step and reused on the others, and are not state
+    assert {k[0] for k in opt._workspaces} == {"directions", "stack"}
+    assert ptrs[0] == ptrs[1] == ptrs[2]
+    assert "_workspaces" not in str(opt.state_dict().keys())
+    import copy
+    import pickle
+
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone._workspaces == {}
+        clone.step()  # rebuilds its own workspaces
+
+
+def test_min_max_equals_amin_and_amax_for_every_layout():
+    from muonlab.orthogonalize import min_max
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(7, 9, generator=gen)
+    cases = [base, base.T, base[:, ::2], base.bfloat16(), base.double().T, torch.randn(3, 4, 5, generator=gen).mT,
+             torch.tensor([1.0, float("nan"), -2.0]), torch.tensor([float("inf"), 0.0])]
+    for t in cases:
+        lo, hi = min_max(t)
+        assert lo.dtype == hi.dtype == t.dtype
+        assert torch.equal(lo, t.amin()) or (lo.isnan() and t.amin().isnan()), t
+        assert torch.equal(hi, t.amax()) or (hi.isnan() and t.amax().isnan()), t
+
+
+def test_prescale_stack_writes_into_the_memory_it_is_given():
+    from muonlab.orthogonalize import prescale_stack
+
+    gen = torch.Generator().manual_seed(9)
+    srcs = [torch.randn(1, 4, 6, generator=gen), torch.randn(6, 4, generator=gen).mT[None], torch.randn(2, 4, 6, generator=gen)]
+    mem = torch.full((4 * 4 * 6,), float("nan"), dtype=torch.bfloat16)
+    got = prescale_stack(srcs, torch.bfloat16, out=mem)
+    assert got.data_ptr() == mem.data_ptr() and got.shape == (4, 4, 6)
+    assert torch.equal(got, prescale_stack(srcs, torch.bfloat16))
+    for bad in (torch.empty(95, dtype=torch.bfloat16), torch.empty(96), torch.empty(192, dtype=torch.bfloat16)[::2]):
+        with pytest.raises(ValueError, match="prescale_stack: out must be a contiguous"):
+            prescale_stack(srcs, torch.bfloat16, out=bad)

@@ -370,26 +370,63 @@ def _prescale(X: torch.Tensor, work_dtype: torch.dtype, eps: float) -> torch.Ten
     return torch.div(X, _max_entry(X), out=torch.empty(X.shape, dtype=work_dtype, device=X.device))
 
 
+def min_max(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of all of ``t``'s entries, NaN propagating, by the fastest reduction for its layout.
+
+    Measured on CPU (torch 2.13): one ``aminmax`` pass is 1.2-2.3x faster than ``amin`` and ``amax``
+    in fp32 and 3.6x in bf16 on contiguous input, but 20x slower on a transposed view, so a
+    transposed matrix is reduced as its contiguous transpose and any other layout by the pair."""
+    W = t.mT if t.dim() >= 2 and t.stride(-1) != 1 and t.stride(-2) == 1 else t
+    if W.is_contiguous() and t.numel() > 0:
+        lo, hi = torch.aminmax(W)
+        return lo, hi
+    return t.amin(), t.amax()
+
+
 def _max_entry(X: torch.Tensor) -> torch.Tensor:
     """max |entry| of each matrix of X (B, m, n) as (B, 1, 1), 1 for a zero matrix; NaN propagates."""
-    # amax and amin separately: two read-only passes, no |X| temporary (2x faster than abs().amax)
-    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
+    # max(max, -min), no |X| temporary (2x faster than abs().amax). A batch keeps amax and amin along
+    # the matrix dimensions: aminmax along a dimension is 4x slower than them (CPU, torch 2.13)
+    if X.shape[:-2].numel() == 1 and X.numel() > 0:
+        lo, hi = min_max(X)
+        amax = torch.maximum(hi, -lo).reshape((1,) * X.dim())
+    else:
+        amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
     return torch.where(amax > 0, amax, torch.ones_like(amax))
 
 
-def prescale_stack(sources: Sequence[torch.Tensor], work_dtype: torch.dtype) -> torch.Tensor:
+def prescale_stack(sources: Sequence[torch.Tensor], work_dtype: torch.dtype,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """What the polynomial methods first make of ``torch.cat(sources)`` (each matrix divided by its
     largest |entry|, in ``work_dtype``, contiguous), without forming the concatenation: each source
     (k, m, n) is divided straight into its slice of the stack. Pass the result to
-    :func:`orthogonalize_raw` with ``prescaled=True``. Not for fp16 (which normalizes differently)."""
+    :func:`orthogonalize_raw` with ``prescaled=True``. Not for fp16 (which normalizes differently).
+    ``out``: memory to write the stack into (a contiguous ``work_dtype`` tensor of as many elements)."""
     if work_dtype == torch.float16:
         raise ValueError("prescale_stack: fp16 iterations normalize by the Frobenius norm first; use orthogonalize_raw")
-    out = torch.empty((sum(s.shape[0] for s in sources), *sources[0].shape[-2:]), dtype=work_dtype,
-                      device=sources[0].device)
+    shape = (sum(s.shape[0] for s in sources), *sources[0].shape[-2:])
+    if out is None:
+        out = torch.empty(shape, dtype=work_dtype, device=sources[0].device)
+    elif out.dtype != work_dtype or out.numel() != math.prod(shape) or not out.is_contiguous():
+        raise ValueError(f"prescale_stack: out must be a contiguous {work_dtype} tensor of {math.prod(shape)} elements, "
+                         f"got {out.dtype} with shape {tuple(out.shape)}")
+    else:
+        out = out.view(shape)
+    # the extremes of every matrix first (one pass each), then max |entry| for all of them at once:
+    # per source only the reduction and the division remain (small matrices are op-bound on a CPU)
+    lows, highs = [], []
+    for s in sources:
+        lo, hi = min_max(s) if s.shape[0] == 1 else (s.amin(dim=(-2, -1)), s.amax(dim=(-2, -1)))
+        lows.append(lo.reshape(-1))
+        highs.append(hi.reshape(-1))
+    amax = torch.maximum(torch.cat(highs), torch.cat(lows).neg_()) if len(sources) > 1 else \
+        torch.maximum(highs[0], lows[0].neg())
+    amax = torch.where(amax > 0, amax, 1.0).view(-1, 1, 1)  # 1 for a zero matrix; NaN propagates
     offset = 0
     for s in sources:
-        torch.div(s, _max_entry(s), out=out[offset:offset + s.shape[0]])
-        offset += s.shape[0]
+        k = s.shape[0]
+        torch.div(s, amax[offset:offset + k], out=out[offset:offset + k])
+        offset += k
     return out
 
 

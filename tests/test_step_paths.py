@@ -276,3 +276,21 @@ def test_prescale_stack_writes_into_the_memory_it_is_given():
     for bad in (torch.empty(95, dtype=torch.bfloat16), torch.empty(96), torch.empty(192, dtype=torch.bfloat16)[::2]):
         with pytest.raises(ValueError, match="prescale_stack: out must be a contiguous"):
             prescale_stack(srcs, torch.bfloat16, out=bad)
+
+
+def test_cpu_stacks_hold_one_matrix_per_thread_at_least(monkeypatch):
+    """On CPU a stack holds about 2**20 elements per intra-op thread, and never fewer matrices than
+    threads: a lone matrix's bf16 products would run on one thread. An explicit limit is kept."""
+    import muonlab.optimizer as optmod
+
+    opt = Muon([nn.Parameter(torch.zeros(8, 4))], lr=0.1)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert opt._batch_limit(cpu, 192 * 192) == 2 * 2**20
+    assert opt._batch_limit(cpu, 768 * 3072) == 2 * 768 * 3072
+    chunks = optmod._chunk_by_numel([(torch.empty(1, 768, 3072),)] * 5, opt._batch_limit(cpu, 768 * 3072))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert opt._batch_limit(cpu, 768 * 3072) == 768 * 3072  # one thread: a matrix larger than 2**20 stands alone
+    explicit = Muon([nn.Parameter(torch.zeros(8, 4))], lr=0.1, batch_max_elements=1000)
+    assert explicit._batch_limit(cpu, 768 * 3072) == 1000

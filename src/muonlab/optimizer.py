@@ -868,7 +868,7 @@ class Muon(Optimizer):
         stack_prescaled = (polynomial and work_dtype != torch.float16
                            and not self.compile and not torch.compiler.is_compiling())
         eager = not self.compile and not torch.compiler.is_compiling()
-        chunks = _chunk_by_numel(pairs, self._batch_limit(device)) if self.batched else [[pair] for pair in pairs]
+        chunks = _chunk_by_numel(pairs, self._batch_limit(device, math.prod(key[0]))) if self.batched else [[pair] for pair in pairs]
         for chunk in chunks:
             # unformed Nesterov directions are formed here, into a workspace reused from step to step
             srcs = self._form([s for s, _ in chunk]) if eager else [_value(s) for s, _ in chunk]
@@ -916,7 +916,7 @@ class Muon(Optimizer):
             out.append(s)
         return out
 
-    def _batch_limit(self, device: torch.device) -> int:
+    def _batch_limit(self, device: torch.device, matrix_numel: int = 1) -> int:
         """Most elements stacked into one orthogonalize() call.
 
         On CUDA large stacks amortize kernel launches; on CPU a stack beyond a few MB only adds
@@ -926,14 +926,18 @@ class Muon(Optimizer):
         if self.batch_max_elements is not None:
             return self.batch_max_elements
         # a bf16 matmul of side <= ~1k runs on one thread, a stacked batch on all of them: stack
-        # about one 2**20-element matrix per intra-op thread
+        # about one 2**20-element matrix per intra-op thread,
         if device.type == "cuda":
             return 2**28
         # read in eager steps only: under torch.compile the last eager value is a constant of the traced
         # step (torch.get_num_threads() returns an int, which would break the graph)
         if not torch.compiler.is_compiling() or not hasattr(self, "_threads"):
             self._threads = torch.get_num_threads()
-        return 2**20 * max(1, self._threads)
+        threads = max(1, self._threads)
+        # and at least one matrix per thread: larger matrices (GPT-2's 768x3072) one at a time left the
+        # Gram form's 768x768 products on one thread (2-core AMX CPU, GPT-2-small shapes, interleaved
+        # A/B: 1384 -> 1193 ms a step; docs/performance.md)
+        return max(2**20 * threads, matrix_numel * threads)
 
     def _rounding_generator(self, p: Tensor, buf: Tensor) -> Optional[torch.Generator]:
         """The random bits for stochastically rounding ``p``'s new state into bf16 (None for other

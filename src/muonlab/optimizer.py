@@ -889,7 +889,11 @@ class Muon(Optimizer):
         """A flat tensor of ``numel`` elements kept by the optimizer from step to step (not state: it
         is neither saved nor copied). A fresh CPU allocation of several MB is returned to the system
         when freed and faults its pages in again on the next use: measured, forming GPT-2-small's
-        Nesterov directions into fresh memory took 3x as long as the same pass over memory in use."""
+        Nesterov directions into fresh memory took 3x as long as the same pass over memory in use.
+        On other devices a fresh tensor: CUDA's caching allocator already reuses freed blocks, and
+        memory held between steps would be taken from the forward and backward passes."""
+        if device.type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=device)
         key = (name, dtype, device)
         buf = self._workspaces.get(key)
         if buf is None or buf.numel() < numel:

@@ -929,8 +929,6 @@ class Muon(Optimizer):
         """
         if self.batch_max_elements is not None:
             return self.batch_max_elements
-        # a bf16 matmul of side <= ~1k runs on one thread, a stacked batch on all of them: stack
-        # about one 2**20-element matrix per intra-op thread,
         if device.type == "cuda":
             return 2**28
         # read in eager steps only: under torch.compile the last eager value is a constant of the traced
@@ -938,9 +936,10 @@ class Muon(Optimizer):
         if not torch.compiler.is_compiling() or not hasattr(self, "_threads"):
             self._threads = torch.get_num_threads()
         threads = max(1, self._threads)
-        # and at least one matrix per thread: larger matrices (GPT-2's 768x3072) one at a time left the
-        # Gram form's 768x768 products on one thread (2-core AMX CPU, GPT-2-small shapes, interleaved
-        # A/B: 1384 -> 1193 ms a step; docs/performance.md)
+        # a bf16 matmul of side <= ~1k runs on one thread, a stacked batch on all of them: stack about
+        # 2**20 elements per intra-op thread, and at least one matrix per thread. Larger matrices
+        # (GPT-2's 768x3072) used to go one at a time, leaving the Gram form's 768x768 products on one
+        # thread (2-core AMX CPU, GPT-2-small shapes, interleaved A/B: 1384 -> 1193 ms a step)
         return max(2**20 * threads, matrix_numel * threads)
 
     def _rounding_generator(self, p: Tensor, buf: Tensor) -> Optional[torch.Generator]:

@@ -313,12 +313,14 @@ def test_lab_tracking_matches_reference_and_leaves_forward_unchanged(monkeypatch
     for name, v in ml.items():
         assert v.shape == (4,) and v.dtype == torch.float32
         torch.testing.assert_close(v.double(), layer_logits(model, name, inputs[name], loop=True), rtol=1e-5, atol=1e-7)
-    # the blocked path (several batch blocks) gives the same values
+    # the blocked path (several batch blocks) gives the same values, to rounding
     monkeypatch.setattr(qkclip_module, "SCORE_BLOCK_ELEMENTS", 1)
     with model.track_max_logits() as ml_blocked:
         model(x)
     for name in ml:
-        assert torch.equal(ml[name], ml_blocked[name])
+        # equal up to rounding: the score matmul's kernel may change with the batch block's size
+        # (bitwise equal on the AVX512 machine, last-bit differences on an AVX2 Zen3)
+        torch.testing.assert_close(ml_blocked[name], ml[name], rtol=1e-6, atol=1e-7)
     # two forwards (gradient accumulation): the elementwise max
     x2 = torch.randint(0, 256, (2, 6))
     with model.track_max_logits() as one:

@@ -24,6 +24,14 @@ Contenders (every one on the same matrices, all routed to Muon; AdamW is not par
   Newton-Schulz, the per-matrix loop (``batched=False``), larger stacks (``batch_max_elements``),
   Polar Express coefficients, and an fp32 iteration (on the lab set only unless ``--all-variants``: 5x slower where bf16 is fast).
 
+Peers' iteration dtype (``--peer-dtype``): ``shipped`` runs every peer as released (bf16, or
+fp16 for pytorch-optimizer's Gram form); ``fp32`` patches the one cast that picks each peer's
+iteration dtype (see :func:`fp32_iteration`; their code is otherwise unchanged), the comparison at
+equal precision, and *estimates* torch.optim.Muon as shipped (:func:`torch_shipped_estimate`):
+on a CPU without fast bf16 (one measured 1 GFLOP/s bf16 against 170 fp32) a bf16 step on GPT-2
+shapes would take half an hour. ``auto`` (the default) picks ``fp32`` where muonlab's dtype probe
+chose fp32 on the device, else ``shipped``.
+
 Parameter sets (``--sizes``, comma-separated):
 
 * ``lab`` / ``lab:NAME``: the Muon matrices of the lab GPT (``muonlab.lab.model``, default
@@ -61,6 +69,7 @@ the parameter update, so this is a lower bound on the Newton-Schulz kernels' own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -71,7 +80,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -150,22 +159,91 @@ class Contender:
     method: Callable[[int, int], tuple[str, tuple[int, ...]]]  # (m, n) -> (flop method, restarts)
     peer: bool = True
     note: str = ""
+    ctx: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext  # entered around every step
     times: list[float] = field(default_factory=list)
     opt: Any = None
+
+
+# ---------------------------------------------------------------------- peers at another iteration dtype
+@contextlib.contextmanager
+def _patched(pairs: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Set ``module.attr = value`` for each (module, attr, value) inside the block, restoring after."""
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in pairs]
+    try:
+        for mod, attr, value in pairs:
+            setattr(mod, attr, value)
+        yield
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
+
+
+def _heavyball_round_fp32(ref: torch.Tensor, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # heavyball.utils.stochastic_round_ with its one-argument form (round to bf16) kept in fp32; the
+    # two-argument form (copy into ``ref``'s dtype) is unchanged
+    return ref.float() if source is None else source.to(ref.dtype)
+
+
+def fp32_iteration(peer: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A context factory under which the peer's Newton-Schulz iterates in fp32 instead of bf16/fp16.
+
+    The peer's own code runs unchanged except for the one cast that picks the iteration dtype:
+    torch.optim.Muon's ``_zeropower_via_newtonschulz`` becomes :func:`muonlab.reference.torch_ns_fp32`
+    (the same function with a copying fp32 cast); pytorch-optimizer's two Newton-Schulz functions
+    get ``dtype=torch.float32`` in every module that imported them; heavyball's bf16 stochastic
+    rounding of the iteration's input becomes a no-op. Used where this machine has no fast bf16
+    (``muonlab.orthogonalize.dtype_choice`` measured fp32 the faster): the comparison at equal precision.
+    """
+    if peer == "torch":
+        import torch.optim._muon as tm
+
+        from muonlab.reference import torch_ns_fp32
+
+        return lambda: _patched([(tm, "_zeropower_via_newtonschulz", torch_ns_fp32)])
+    if peer == "pytorch_optimizer":
+        import functools
+        import importlib
+
+        import pytorch_optimizer.optimizer.utils.matrix as pom
+
+        pairs = []
+        for modname in ("base", "normuon", "adamuon", "adago"):
+            try:
+                mod = importlib.import_module(f"pytorch_optimizer.optimizer.muon.{modname}")
+            except ImportError:
+                continue
+            for fn in ("zero_power_via_newton_schulz_5", "zero_power_via_gram_newton_schulz"):
+                if hasattr(mod, fn):
+                    pairs.append((mod, fn, functools.partial(getattr(pom, fn), dtype=torch.float32)))
+        return lambda: _patched(pairs)
+    if peer == "heavyball":
+        import heavyball.utils as hbu
+
+        return lambda: _patched([(hbu, "stochastic_round_", _heavyball_round_fp32)])
+    raise ValueError(f"fp32_iteration: unknown peer {peer!r}")
 
 
 def _ns(m: int, n: int) -> tuple[str, tuple[int, ...]]:
     return ("newton_schulz", ())
 
 
-def contenders(device: torch.device, set_name: str, all_variants: bool, heavyball_compile: bool) -> tuple[list[Contender], list[str]]:
-    """(available contenders, skipped peers with the reason)."""
+def contenders(device: torch.device, set_name: str, all_variants: bool, heavyball_compile: bool,
+               peer_dtype: str = "shipped") -> tuple[list[Contender], list[str]]:
+    """(available contenders, skipped peers with the reason). ``peer_dtype="fp32"``: every peer's
+    iteration patched to fp32 (:func:`fp32_iteration`), else each runs as shipped."""
     out: list[Contender] = []
     skipped: list[str] = []
     lr = 0.02
+    as_shipped = peer_dtype == "shipped"
+
+    def peer_kw(peer: str, shipped: torch.dtype, note: str) -> dict[str, Any]:
+        if as_shipped:
+            return dict(dtype=shipped, note=note)
+        return dict(dtype=torch.float32, ctx=fp32_iteration(peer),
+                    note=note.replace("bf16", "fp32").replace("fp16", "fp32") + " (iteration patched to fp32)")
     if hasattr(torch.optim, "Muon"):
         out.append(Contender("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=lr, weight_decay=0.0),
-                             torch.bfloat16, _ns, note="Keller x5, bf16, per matrix"))
+                             method=_ns, **peer_kw("torch", torch.bfloat16, "Keller x5, bf16, per matrix")))
     else:
         skipped.append("torch.optim.Muon (needs torch >= 2.9)")
     try:
@@ -174,9 +252,9 @@ def contenders(device: torch.device, set_name: str, all_variants: bool, heavybal
 
         if not heavyball_compile:
             hb_utils.compile_mode = None
-        out.append(Contender("heavyball.Muon", lambda ps: heavyball.Muon(ps, lr=lr),
-                             torch.bfloat16, _ns,
-                             note=("compiled (as shipped)" if heavyball_compile else "eager") + ", own 5-step schedule, bf16"))
+        out.append(Contender("heavyball.Muon", lambda ps: heavyball.Muon(ps, lr=lr), method=_ns,
+                             **peer_kw("heavyball", torch.bfloat16, ("compiled (as shipped)" if heavyball_compile else "eager")
+                                       + ", own 5-step schedule, bf16")))
     except ImportError as exc:
         skipped.append(f"heavyball ({exc.name} not installed: pip install 'muonlab[bench]')")
     try:
@@ -185,16 +263,18 @@ def contenders(device: torch.device, set_name: str, all_variants: bool, heavybal
         def po_build(cls: Any, **kw: Any) -> Build:
             return lambda ps: cls([dict(params=ps, use_muon=True)], lr=lr, **kw)
 
-        out.append(Contender("pytorch_optimizer.Muon", po_build(po.Muon), torch.bfloat16, _ns, note="Keller x5, bf16"))
+        out.append(Contender("pytorch_optimizer.Muon", po_build(po.Muon), method=_ns,
+                             **peer_kw("pytorch_optimizer", torch.bfloat16, "Keller x5, bf16")))
         out.append(Contender("pytorch_optimizer.Muon (gram)", po_build(po.Muon, ns_method="gram_newton_schulz"),
-                             torch.bfloat16, lambda m, n: ("gram", (2,)), note="Gram Newton-Schulz, restart after step 2"))
+                             method=lambda m, n: ("gram", (2,)),
+                             **peer_kw("pytorch_optimizer", torch.float16, "Gram Newton-Schulz in fp16, restart after step 2")))
         for cls_name in ("NorMuon", "AdaMuon"):
             cls = getattr(po, cls_name, None)
             if cls is None:
                 skipped.append(f"pytorch_optimizer.{cls_name} (not in pytorch_optimizer {po.__version__})")
                 continue
-            out.append(Contender(f"pytorch_optimizer.{cls_name}", po_build(cls), torch.bfloat16, _ns,
-                                 note="rescales the orthogonalized update by design"))
+            out.append(Contender(f"pytorch_optimizer.{cls_name}", po_build(cls), method=_ns,
+                                 **peer_kw("pytorch_optimizer", torch.bfloat16, "bf16, rescales the orthogonalized update by design")))
     except ImportError as exc:
         skipped.append(f"pytorch_optimizer ({exc.name} not installed: pip install 'muonlab[bench]')")
 
@@ -252,17 +332,19 @@ def time_steps(cs: list[Contender], pset: ParamSet, device: torch.device, warmup
         c.times = []
         for _ in range(warmup):
             restore()
-            c.opt.step()
+            with c.ctx():
+                c.opt.step()
         sync(device)
     for r in range(repeats):
         k = r % len(cs)
         for c in cs[k:] + cs[:k]:
             restore()
-            sync(device)
-            t0 = time.perf_counter()
-            c.opt.step()
-            sync(device)
-            c.times.append(time.perf_counter() - t0)
+            with c.ctx():
+                sync(device)
+                t0 = time.perf_counter()
+                c.opt.step()
+                sync(device)
+                c.times.append(time.perf_counter() - t0)
     for c in cs:
         c.opt = None
     del params, grads
@@ -293,7 +375,8 @@ def polar_errors(cs: list[Contender], pset: ParamSet, device: torch.device) -> d
         for p, i in zip(params, idx):
             p.grad = pset.grads[i].clone()
         opt = c.build(params)
-        opt.step()
+        with c.ctx():
+            opt.step()
         out[c.name] = [direction_error(p.detach(), P) for p, P in zip(params, polars)]
         del opt, params
     return out
@@ -320,6 +403,38 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> f
                 sync(device)
                 best = max(best, 2.0 * b * n**3 / (time.perf_counter() - t0))
     return best
+
+
+def torch_shipped_estimate(pset: ParamSet, device: torch.device, fp32_step_s: float, ns_steps: int = 5) -> dict[str, Any]:
+    """torch.optim.Muon's as-shipped (bf16) step time, estimated where timing it would take too long.
+
+    Estimate = its step with the iteration patched to fp32 (measured in the rounds) + for every
+    matrix, ``ns_steps`` x (one bf16 iteration - one fp32 iteration) of torch's own function, each
+    timed once per distinct shape (best of 2 in bf16, of 3 in fp32). Returns the estimate and the
+    per-shape inputs, so the report can show how it was formed.
+    """
+    import torch.optim._muon as tm
+
+    from muonlab.reference import torch_ns_fp32
+
+    coeffs = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults (Keller Jordan's quintic)
+    extra, inputs = 0.0, []
+    for shape, count in Counter(pset.shapes).items():
+        G = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(device)
+        best = {}
+        for label, fn, reps in (("bf16", tm._zeropower_via_newtonschulz, 2), ("fp32", torch_ns_fp32, 3)):
+            fn(G, coeffs, 1, 1e-7)
+            ts = []
+            for _ in range(reps):
+                sync(device)
+                t0 = time.perf_counter()
+                fn(G, coeffs, 1, 1e-7)
+                sync(device)
+                ts.append(time.perf_counter() - t0)
+            best[label] = min(ts)
+        extra += count * ns_steps * (best["bf16"] - best["fp32"])
+        inputs.append(f"{count} x {shape[0]}x{shape[1]}: bf16 {1e3 * best['bf16']:.1f} ms vs fp32 {1e3 * best['fp32']:.2f} ms")
+    return dict(ms=1e3 * (fp32_step_s + extra), inputs=inputs)
 
 
 def step_ns_flops(c: Contender, shapes: list[tuple[int, int]]) -> float:
@@ -374,7 +489,7 @@ def _md(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def run_set(pset: ParamSet, args: argparse.Namespace, device: torch.device, rates: dict[torch.dtype, float]) -> dict[str, Any]:
-    cs, skipped = contenders(device, pset.name, args.all_variants, args.heavyball_compile)
+    cs, skipped = contenders(device, pset.name, args.all_variants, args.heavyball_compile, args.peer_dtype)
     if args.only:
         keep = [s.strip().lower() for s in args.only.split(",")]
         cs = [c for c in cs if c.name == "torch.optim.Muon" or any(k in c.name.lower() for k in keep)]
@@ -384,6 +499,10 @@ def run_set(pset: ParamSet, args: argparse.Namespace, device: torch.device, rate
     print(f"   timed in {time.perf_counter() - t0:.0f} s; polar errors ...", flush=True)
     errs = polar_errors(cs, pset, device)
     base = next((statistics.median(c.times) for c in cs if c.name == "torch.optim.Muon"), None)
+    shipped = None  # torch.optim.Muon as shipped, when the timed one ran patched to fp32
+    if base is not None and args.peer_dtype == "fp32":
+        print("   estimating torch.optim.Muon as shipped (bf16) ...", flush=True)
+        shipped = torch_shipped_estimate(pset, device, base)
     results = []
     for c in cs:
         for dt in (c.dtype,):
@@ -396,31 +515,45 @@ def run_set(pset: ParamSet, args: argparse.Namespace, device: torch.device, rate
             name=c.name, peer=c.peer, note=c.note, dtype=str(c.dtype).replace("torch.", ""),
             median_ms=med * 1e3, min_ms=min(c.times) * 1e3, times_ms=[t * 1e3 for t in c.times],
             speedup_vs_torch=(base / med) if base else None,
+            speedup_vs_torch_shipped=(shipped["ms"] / 1e3 / med) if shipped else None,
             polar_error_mean=statistics.fmean(e), polar_error_max=max(e),
             ns_gflops=fl / med / 1e9, matmul_peak_gflops=rates[c.dtype] / 1e9,
             ns_rate_fraction=(fl / med) / rates[c.dtype],
         ))
+    if ortho.default_dtype(device) not in rates:
+        rates[ortho.default_dtype(device)] = matmul_rate(ortho.default_dtype(device), device)
     alone = ns_alone(pset, device, ortho.default_dtype(device), max(3, args.repeats))
     for row in alone:
         row["fraction"] = row["gflops"] * 1e9 / rates[ortho.default_dtype(device)]
-    return dict(set=pset.name, note=pset.note, matrices=len(pset.shapes), skipped=skipped,
+    return dict(set=pset.name, note=pset.note, matrices=len(pset.shapes), skipped=skipped, torch_shipped_estimate=shipped,
                 error_matrices=len(pset.error_index), results=results, ns_alone=alone)
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     out = [f"# Muon implementations side by side ({report['device']})", "",
            f"Machine: {report['machine']}; torch {report['torch']}; muonlab iteration dtype here: "
-           f"{report['dtype_choice']}.", f"Command: `{report['command']}`", ""]
+           f"{report['dtype_choice']}; peers' iteration: "
+           + ("as shipped" if report.get("peer_dtype", "shipped") == "shipped" else "patched to fp32 (equal precision)") + ".",
+           f"Command: `{report['command']}`", ""]
     for s in report["sets"]:
         out += [f"## {s['set']}", "", s["note"] + ".", ""]
+        est = s.get("torch_shipped_estimate")
         rows = []
         for r in sorted(s["results"], key=lambda r: r["median_ms"]):
             sp = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-"
-            rows.append([r["name"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", sp,
-                         f"{r['polar_error_mean']:.4f} / {r['polar_error_max']:.4f}", r["dtype"],
-                         f"{r['ns_gflops']:.0f} ({100 * r['ns_rate_fraction']:.0f}%)", r["note"]])
-        out.append(_md(["implementation", "step ms (median)", "min", "speed-up vs torch", "polar error mean / max",
-                        "NS dtype", "NS GFLOP/s (% of matmul peak)", "note"], rows))
+            row = [r["name"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", sp]
+            if est:
+                row.append(f"{r['speedup_vs_torch_shipped']:.1f}x")
+            rows.append(row + [f"{r['polar_error_mean']:.4f} / {r['polar_error_max']:.4f}", r["dtype"],
+                               f"{r['ns_gflops']:.0f} ({100 * r['ns_rate_fraction']:.0f}%)", r["note"]])
+        out.append(_md(["implementation", "step ms (median)", "min",
+                        "speed-up vs torch" + (" (fp32, same dtype)" if est else "")]
+                       + (["vs torch as shipped (bf16, est.)"] if est else [])
+                       + ["polar error mean / max", "NS dtype", "NS GFLOP/s (% of matmul peak)", "note"], rows))
+        if est:
+            out += ["", f"torch.optim.Muon as shipped (bf16 iteration), estimated: {est['ms']:.0f} ms per step = its "
+                    "fp32-patched step + 5 x (one bf16 iteration - one fp32 iteration) of its own function per matrix; "
+                    "per shape: " + "; ".join(est["inputs"]) + "."]
         out += ["", "Newton-Schulz alone (`muonlab.orthogonalize`, default method and dtype, one stack per shape):", ""]
         out.append(_md(["stack", "method", "ms", "GFLOP/s", "% of matmul peak"],
                        [[a["shape"], a["method"], f"{a['ms']:.1f}", f"{a['gflops']:.0f}", f"{100 * a['fraction']:.0f}%"]
@@ -445,6 +578,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--only", default=None, help="comma list of name fragments to keep (torch.optim.Muon always kept)")
     ap.add_argument("--all-variants", action="store_true", help="also the fp32 muonlab variant on large sets")
     ap.add_argument("--heavyball-compile", action="store_true", help="heavyball as shipped (torch.compile)")
+    ap.add_argument("--peer-dtype", choices=("auto", "shipped", "fp32"), default="auto",
+                    help="peers' iteration dtype: as shipped (bf16/fp16), or patched to fp32 (equal precision, "
+                         "torch.optim.Muon as shipped then estimated); auto: fp32 where muonlab's probe found bf16 "
+                         "slow on this device, else shipped")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
     if args.repeats is None:
@@ -460,11 +597,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("bench_peers: error: --device cuda but torch.cuda.is_available() is False")
     warnings.filterwarnings("ignore", category=UserWarning)
     choice = ortho.dtype_choice(device)
+    if args.peer_dtype == "auto":
+        args.peer_dtype = "fp32" if choice.dtype == torch.float32 else "shipped"
     rates: dict[torch.dtype, float] = {}
     t0 = time.perf_counter()
     sets = [run_set(p, args, device, rates) for p in parse_sizes(args.sizes, device)]
     report = dict(device=str(device), machine=machine(device), torch=torch.__version__,
-                  dtype_choice=f"{str(choice.dtype).replace('torch.', '')} ({choice.reason})",
+                  dtype_choice=f"{str(choice.dtype).replace('torch.', '')} ({choice.reason})", peer_dtype=args.peer_dtype,
                   command="python benchmarks/bench_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   matmul_peak_gflops={str(k).replace("torch.", ""): v / 1e9 for k, v in rates.items()},
                   seconds=time.perf_counter() - t0, sets=sets)

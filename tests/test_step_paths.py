@@ -279,15 +279,24 @@ def test_prescale_stack_writes_into_the_memory_it_is_given():
 
 
 def test_cpu_stacks_hold_one_matrix_per_thread_at_least(monkeypatch):
-    """On CPU a stack holds about 2**20 elements per intra-op thread, and never fewer matrices than
-    threads: a lone matrix's bf16 products would run on one thread. An explicit limit is kept."""
+    """On CPU a stack holds about 2**20 elements per intra-op thread, never fewer matrices than
+    threads (a lone matrix's bf16 products would run on one thread) and a multiple of the threads
+    (a bmm shares its batch out among them). An explicit limit is kept."""
     import muonlab.optimizer as optmod
 
     opt = Muon([nn.Parameter(torch.zeros(8, 4))], lr=0.1)
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert opt._batch_limit(cpu, 192 * 192) == 2 * 2**20
+    assert opt._batch_limit(cpu, 192 * 192) == 56 * 192 * 192  # 2**21 // 36864 = 56 matrices
+    assert opt._batch_limit(cpu, 768 * 768) == 2 * 768 * 768  # 3 would fit in 2**21: rounded down to 2
     assert opt._batch_limit(cpu, 768 * 3072) == 2 * 768 * 3072
+    assert opt._batch_limit(cpu) == 2**21
+    chunks = optmod._chunk_by_numel([(torch.empty(1, 768, 768),)] * 7, opt._batch_limit(cpu, 768 * 768))
+    assert [len(c) for c in chunks] == [2, 2, 2, 1]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert opt._batch_limit(cpu, 768 * 768) == 4 * 768 * 768  # 7 fit in 2**22: rounded down to 4
+    assert opt._batch_limit(cpu, 100 * 100) == 416 * 100 * 100  # 2**22 // 10000 = 419 -> 416
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     chunks = optmod._chunk_by_numel([(torch.empty(1, 768, 3072),)] * 5, opt._batch_limit(cpu, 768 * 3072))
     assert [len(c) for c in chunks] == [2, 2, 1]
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)

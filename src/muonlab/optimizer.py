@@ -939,8 +939,12 @@ class Muon(Optimizer):
         # a bf16 matmul of side <= ~1k runs on one thread, a stacked batch on all of them: stack about
         # 2**20 elements per intra-op thread, and at least one matrix per thread. Larger matrices
         # (GPT-2's 768x3072) used to go one at a time, leaving the Gram form's 768x768 products on one
-        # thread (2-core AMX CPU, GPT-2-small shapes, interleaved A/B: 1384 -> 1193 ms a step)
-        return max(2**20 * threads, matrix_numel * threads)
+        # thread (2-core AMX CPU, GPT-2-small shapes, interleaved A/B: 1384 -> 1193 ms a step).
+        # The matrix count is a multiple of the threads: a CPU bmm shares its batch out among them,
+        # and 3 stacked 768x768 fp32 products on 2 threads ran at 138 GFLOP/s against 183 for 2 or 4
+        # (2-core AVX2 Zen3; benchmarks/bench_peers.py and docs/performance.md)
+        per = max(1, (2**20 * threads) // max(1, matrix_numel))
+        return max(threads, per - per % threads) * matrix_numel
 
     def _rounding_generator(self, p: Tensor, buf: Tensor) -> Optional[torch.Generator]:
         """The random bits for stochastically rounding ``p``'s new state into bf16 (None for other

@@ -107,7 +107,8 @@ class Muon(Optimizer):
             Overridable per param group. fp16 is refused: its range is too small for Adam's moments.
         batched: stack same-shape matrices into one orthogonalization (default True); False is the
             per-matrix reference loop.
-        batch_max_elements: most elements per stacked call (default: 2**20 on CPU, 2**28 on CUDA).
+        batch_max_elements: most elements per stacked call (default: on CPU about 2**20 per intra-op
+            thread, in a multiple of the thread count of matrices; 2**28 on CUDA).
         foreach: use ``torch._foreach`` kernels for the momentum update and the AdamW groups
             (default: True); False runs the per-parameter reference loops.
         fused: the AdamW groups through ``torch._fused_adamw_`` (one kernel per device and dtype):

@@ -13,9 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_peers  # noqa: E402
 
+from muonlab.coefficients import KELLER  # noqa: E402
 from muonlab.reference import torch_ns_fp32  # noqa: E402
-
-KELLER = (3.4445, -4.775, 2.0315)
 
 
 def _update(build, G: torch.Tensor, ctx) -> torch.Tensor:
